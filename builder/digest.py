@@ -1,0 +1,75 @@
+"""Content digests: parsing, and hashing while bytes stream to disk.
+
+A digest is the only name content has in imc, so it is validated strictly (the OCI
+image spec's grammar, with the registered algorithms' exact hex lengths) before it is
+ever used as a file name or sent to a registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from builder.errors import BadReferenceError, DigestMismatchError
+
+_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Digest:
+    """A validated ``algorithm:hex`` content digest."""
+
+    algorithm: str
+    hex: str
+
+    @classmethod
+    def parse(cls, text: str) -> Digest:
+        """Parse ``text`` or raise ``BadReferenceError`` naming what is wrong."""
+        m = _DIGEST_RE.match(text)
+        if not m:
+            raise BadReferenceError(f"invalid digest {text!r}: want sha256:<64 hex digits>")
+        algorithm, hexpart = m.groups()
+        if len(hexpart) != _HEX_LENGTHS[algorithm]:
+            raise BadReferenceError(
+                f"invalid digest {text!r}: {algorithm} takes {_HEX_LENGTHS[algorithm]} hex digits"
+            )
+        return cls(algorithm, hexpart)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        """The digest of ``data``."""
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    def hasher(self) -> hashlib._Hash:
+        """A fresh hash object of this digest's algorithm."""
+        return hashlib.new(self.algorithm)
+
+    @property
+    def short(self) -> str:
+        """The first 12 hex digits, as listings show them."""
+        return self.hex[:12]
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+def verify_bytes(data: bytes, expected: Digest, what: str = "content") -> None:
+    """Raise ``DigestMismatchError`` unless ``data`` hashes to ``expected``."""
+    actual = Digest.of(data, expected.algorithm)
+    if actual != expected:
+        raise DigestMismatchError(f"{what} digest mismatch: expected {expected}, got {actual}")
+
+
+def hash_file(path: str, algorithm: str = "sha256", chunk: int = 1 << 20) -> tuple[Digest, int]:
+    """Hash a file by streaming it; returns its digest and size."""
+    h = hashlib.new(algorithm)
+    size = 0
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return Digest(algorithm, h.hexdigest()), size

@@ -1,0 +1,218 @@
+"""Pulling an image set into the store: resolve every manifest, fetch what is missing.
+
+Data flows one way: references → verified manifests → a de-duplicated set of blobs
+→ parallel downloads into the store → image entries in the store's index. An image
+is recorded only after every blob it needs is stored, so a name in the index always
+points at complete content. Progress is reported as events; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from builder.digest import Digest
+from builder.errors import ImcError
+from builder.oci import Descriptor, Index, Manifest, Platform, parse_manifest
+from builder.reference import Reference
+from builder.registry.auth import Keychain, TokenCache
+from builder.registry.client import Registry, RetryPolicy
+from builder.registry.hosts import HostPolicy
+from builder.store import Store
+
+DEFAULT_CONCURRENCY = 4
+
+
+@dataclass(frozen=True)
+class PullEvent:
+    """One step of a pull, for whoever renders progress.
+
+    kind is one of: ``resolved`` (an image's manifest is verified), ``blob-start``,
+    ``blob-bytes`` (``bytes`` more arrived; negative when a download restarts),
+    ``blob-done`` (``reused`` tells whether it was already stored), ``image-done``.
+    """
+
+    kind: str
+    image: str = ""
+    digest: Digest | None = None
+    size: int = 0
+    bytes: int = 0
+    reused: bool = False
+    media_type: str = ""
+
+
+@dataclass
+class BlobOutcome:
+    """A blob of a pulled image, and whether this pull fetched or reused it."""
+
+    descriptor: Descriptor
+    fetched: bool
+
+
+@dataclass
+class PulledImage:
+    """An image now complete in the store."""
+
+    reference: Reference
+    name: str
+    manifest: Manifest
+    descriptor: Descriptor
+    index_digest: Digest | None
+    platform: Platform | None
+    blobs: list[BlobOutcome] = field(default_factory=list)
+
+    @property
+    def bytes_fetched(self) -> int:
+        return sum(b.descriptor.size for b in self.blobs if b.fetched)
+
+    @property
+    def bytes_reused(self) -> int:
+        return sum(b.descriptor.size for b in self.blobs if not b.fetched)
+
+
+@dataclass
+class PullResult:
+    """Every image of a pull, and the blob totals with each shared blob counted once."""
+
+    images: list[PulledImage]
+    bytes_fetched: int
+    bytes_reused: int
+    blobs_fetched: int
+    blobs_reused: int
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    reference: Reference
+    manifest: Manifest
+    descriptor: Descriptor
+    index_digest: Digest | None
+    platform: Platform | None
+    registry: Registry
+
+
+class _Cancelled(Exception):
+    """Raised inside a download when another one failed and the pull is giving up."""
+
+
+class Puller:
+    """Pulls image sets into one store, reusing every blob it already holds."""
+
+    def __init__(
+        self,
+        store: Store,
+        policy: HostPolicy | None = None,
+        keychain: Keychain | None = None,
+        platform: Platform | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        on_event: Callable[[PullEvent], None] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.store = store
+        self.policy = policy or HostPolicy()
+        self.keychain = keychain or Keychain()
+        self.platform = platform or Platform.host()
+        self.concurrency = max(1, concurrency)
+        self._emit = on_event or (lambda event: None)
+        self._retry = retry
+        self._tokens = TokenCache()
+        self._registries: dict[str, Registry] = {}
+        self._lock = threading.Lock()
+
+    def registry(self, endpoint: str) -> Registry:
+        """The client for ``endpoint``, shared by every image of this puller."""
+        with self._lock:
+            if endpoint not in self._registries:
+                self._registries[endpoint] = Registry(endpoint, self.policy, self.keychain, self._tokens, self._retry)
+            return self._registries[endpoint]
+
+    def resolve(self, ref: Reference) -> _Resolved:
+        """Fetch and verify the image's manifest, choosing a platform from an index."""
+        registry = self.registry(ref.api_host)
+        fetched = registry.get_manifest(ref.repository, ref.identifier, ref.digest)
+        node = parse_manifest(fetched.raw, fetched.media_type)
+        index_digest = None
+        platform = None
+        if isinstance(node, Index):
+            self.store.put_bytes(fetched.digest, fetched.raw)
+            index_digest = fetched.digest
+            entry = node.select(self.platform)
+            platform = entry.platform
+            fetched = registry.get_manifest(ref.repository, str(entry.digest), entry.digest)
+            node = parse_manifest(fetched.raw, fetched.media_type)
+            if isinstance(node, Index):
+                raise ImcError(f"{ref}: nested indexes are not supported")
+        descriptor = Descriptor(node.media_type, fetched.digest, len(fetched.raw), platform)
+        self._emit(PullEvent("resolved", str(ref), fetched.digest, len(fetched.raw)))
+        return _Resolved(ref, node, descriptor, index_digest, platform, registry)
+
+    def pull(self, refs: list[Reference]) -> PullResult:
+        """Pull every image; raise the first error after stopping the other downloads."""
+        with self.store.pinning():
+            resolved = [self.resolve(ref) for ref in refs]
+            jobs: dict[Digest, tuple[_Resolved, Descriptor]] = {}
+            for image in resolved:
+                for desc in image.manifest.blobs():
+                    jobs.setdefault(desc.digest, (image, desc))
+            fetched = self._fetch_all(jobs)
+            images = []
+            for image in resolved:
+                self.store.put_bytes(image.descriptor.digest, image.manifest.raw)
+                name = str(image.reference)
+                self.store.add_image(name, image.descriptor, image.index_digest)
+                pulled = PulledImage(image.reference, name, image.manifest, image.descriptor, image.index_digest,
+                                     image.platform,
+                                     [BlobOutcome(d, fetched[d.digest]) for d in image.manifest.blobs()])
+                images.append(pulled)
+                self._emit(PullEvent("image-done", name, image.descriptor.digest, pulled.bytes_fetched,
+                                     pulled.bytes_reused))
+        unique = {d: jobs[d][1].size for d in jobs}
+        return PullResult(
+            images,
+            bytes_fetched=sum(size for d, size in unique.items() if fetched[d]),
+            bytes_reused=sum(size for d, size in unique.items() if not fetched[d]),
+            blobs_fetched=sum(1 for d in unique if fetched[d]),
+            blobs_reused=sum(1 for d in unique if not fetched[d]),
+        )
+
+    def _fetch_all(self, jobs: dict[Digest, tuple[_Resolved, Descriptor]]) -> dict[Digest, bool]:
+        cancel = threading.Event()
+        results: dict[Digest, bool] = {}
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imc-pull") as pool:
+            futures: dict[Future, Digest] = {
+                pool.submit(self._fetch_one, image, desc, cancel): digest
+                for digest, (image, desc) in jobs.items()
+            }
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                cancel.set()
+                for f in pending:
+                    f.cancel()
+                wait(pending)
+                raise failed.exception()  # type: ignore[misc]
+            for f, digest in futures.items():
+                results[digest] = f.result()
+        return results
+
+    def _fetch_one(self, image: _Resolved, desc: Descriptor, cancel: threading.Event) -> bool:
+        name = str(image.reference)
+
+        def on_bytes(n: int) -> None:
+            if cancel.is_set():
+                raise _Cancelled()
+            self._emit(PullEvent("blob-bytes", name, desc.digest, desc.size, n, media_type=desc.media_type))
+
+        def download(sink) -> None:  # type: ignore[no-untyped-def]
+            self._emit(PullEvent("blob-start", name, desc.digest, desc.size, sink.offset,
+                                 media_type=desc.media_type))
+            image.registry.fetch_blob(image.reference.repository, desc.digest, desc.size, sink, on_bytes)
+
+        if cancel.is_set():
+            raise _Cancelled()
+        fetched = self.store.ensure_blob(desc.digest, desc.size, download)
+        self._emit(PullEvent("blob-done", name, desc.digest, desc.size, desc.size, reused=not fetched,
+                             media_type=desc.media_type))
+        return fetched

@@ -1,0 +1,1 @@
+"""Talking to OCI registries: per-endpoint transport policy, auth, and the client."""

@@ -1,0 +1,470 @@
+"""The registry client: manifests as exact verified bytes, blobs streamed with resume.
+
+One ``Registry`` talks to one endpoint. It owns the whole exchange so that the rest of
+imc never sees requests or ssl: auth challenges and token refresh, retries with
+backoff (5xx, 429 with Retry-After, dropped connections), timeouts on every request,
+and redirects followed by hand so that credentials never leave the registry's host.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+import requests.adapters
+import urllib3
+
+from builder import __version__
+from builder.digest import Digest
+from builder.errors import (
+    AuthError,
+    DigestMismatchError,
+    NotFoundError,
+    RegistryError,
+    TLSError,
+    TransportError,
+    UnsupportedError,
+)
+from builder.oci import ACCEPT, MAX_MANIFEST_SIZE
+from builder.registry.auth import Challenge, Credentials, Keychain, TokenCache, parse_challenges
+from builder.registry.hosts import HostPolicy, Transport
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+USER_AGENT = f"imc/{__version__}"
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+class BlobSink(Protocol):
+    """Where a blob's bytes go: the store's ingest file, which hashes as it writes."""
+
+    @property
+    def offset(self) -> int:
+        """Bytes already held, from which a download resumes."""
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Append bytes."""
+
+    def reset(self) -> None:
+        """Drop what is held: the server would not resume, so start again."""
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest's exact bytes, its digest, and the media type the registry declared."""
+
+    raw: bytes
+    digest: Digest
+    media_type: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: attempts without progress, backoff, timeouts (connect, read)."""
+
+    attempts: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 10.0
+    max_retry_after: float = 60.0
+    timeout: tuple[float, float] = (10.0, 60.0)
+
+
+def _error_codes(resp: requests.Response) -> tuple[tuple[str, ...], str]:
+    """The spec's error codes and first message from a registry's JSON error body."""
+    try:
+        body = json.loads(resp.content[:65536] or b"{}")
+        errors = body.get("errors") or []
+        codes = tuple(str(e.get("code", "")) for e in errors if isinstance(e, dict))
+        message = next((str(e.get("message", "")) for e in errors if isinstance(e, dict)), "")
+        return codes, message
+    except (ValueError, AttributeError):
+        return (), ""
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class Registry:
+    """A client for one registry endpoint (``host`` or ``host:port``)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        policy: HostPolicy | None = None,
+        keychain: Keychain | None = None,
+        tokens: TokenCache | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.endpoint = endpoint
+        self.policy = policy or HostPolicy()
+        self.keychain = keychain or Keychain()
+        self.tokens = tokens or TokenCache()
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self.base = self.policy.base_url(endpoint)
+        self._local = threading.local()
+        self._challenge: Challenge | None = None
+        self._creds: Credentials | None = None
+        self._creds_loaded = False
+        self._lock = threading.Lock()
+
+    # -- transport -----------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # No proxies or .netrc from the environment: a registry gets exactly the
+            # credentials imc chose for it, and loopback stays loopback.
+            session.trust_env = False
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = USER_AGENT
+            self._local.session = session
+        return session
+
+    def _tls_hint(self) -> str:
+        transport = self.policy.transport(self.endpoint)
+        if transport is Transport.HTTPS:
+            return (f"; if {self.endpoint} uses a private CA pass --ca-file, or list it with "
+                    f"--insecure {self.endpoint} (HTTPS without verification) or "
+                    f"--plain-http {self.endpoint} (plain HTTP)")
+        return ""
+
+    def _send(self, method: str, url: str, headers: dict[str, str], stream: bool) -> requests.Response:
+        """One HTTP exchange, with library errors translated to ours."""
+        host = urlsplit(url).netloc
+        try:
+            return self._session().request(
+                method, url, headers=headers, stream=stream, allow_redirects=False,
+                timeout=self.retry.timeout, verify=self.policy.verify(host),
+            )
+        except requests.exceptions.SSLError as e:
+            reason = str(e.__context__ or e)
+            if "WRONG_VERSION_NUMBER" in reason or "wrong version number" in reason:
+                raise TLSError(f"{host} does not speak TLS; if it is a plain HTTP registry, "
+                               f"list it with --plain-http {host}") from None
+            detail = "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in reason else "TLS handshake failed"
+            raise TLSError(f"TLS error talking to {host}: {detail}{self._tls_hint()}") from None
+        except requests.exceptions.ConnectTimeout:
+            raise TransportError(f"cannot connect to {host}: connection timed out") from None
+        except requests.exceptions.ReadTimeout:
+            raise TransportError(f"{host} did not answer in time (read timeout)") from None
+        except requests.exceptions.ConnectionError as e:
+            text = str(e)
+            if "NameResolution" in text or "Name or service not known" in text or "nodename" in text:
+                raise TransportError(f"cannot resolve registry host {host}") from None
+            if "Connection refused" in text:
+                raise TransportError(f"cannot connect to {host}: connection refused") from None
+            raise TransportError(f"connection to {host} failed: {type(e).__name__}") from None
+        except requests.exceptions.RequestException as e:
+            raise TransportError(f"request to {host} failed: {type(e).__name__}") from None
+
+    # -- auth ----------------------------------------------------------------------
+
+    def _credentials(self) -> Credentials | None:
+        with self._lock:
+            if not self._creds_loaded:
+                self._creds = self.keychain.resolve(self.endpoint)
+                self._creds_loaded = True
+            return self._creds
+
+    def _scope(self, repository: str) -> str:
+        return f"repository:{repository}:pull"
+
+    def _token_key(self, challenge: Challenge, scope: str) -> tuple[str, str, str]:
+        return (challenge.params.get("realm", ""), challenge.params.get("service", ""), scope)
+
+    def _auth_header(self, repository: str | None) -> str | None:
+        """What to send up front, from the challenge this registry already gave us."""
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            creds = self._credentials()
+            return creds.basic_header() if creds and creds.password else None
+        if challenge.scheme == "bearer" and repository:
+            token = self.tokens.get(self._token_key(challenge, self._scope(repository)))
+            return f"Bearer {token}" if token else None
+        return None
+
+    def _fetch_token(self, challenge: Challenge, scope: str) -> str:
+        """Ask the challenge's realm for a token for ``scope``."""
+        realm = challenge.params.get("realm")
+        if not realm or urlsplit(realm).scheme not in ("http", "https"):
+            raise AuthError(f"{self.endpoint} sent a bearer challenge without a usable realm")
+        service = challenge.params.get("service", "")
+        creds = self._credentials()
+        headers: dict[str, str] = {}
+        if creds and creds.identity_token:
+            body = urlencode({"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                              "service": service, "scope": scope, "client_id": "imc"})
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            resp = self._token_request("POST", realm, headers, body)
+        else:
+            if creds and creds.password:
+                headers["Authorization"] = creds.basic_header()
+            query = urlencode([("service", service), ("scope", scope)] if service else [("scope", scope)])
+            resp = self._token_request("GET", f"{realm}{'&' if '?' in realm else '?'}{query}", headers, None)
+        if resp.status_code in (401, 403):
+            who = f"user {creds.username!r}" if creds and creds.username else "anonymous access"
+            raise AuthError(f"{self.endpoint}: token service refused {who} for {scope} ({resp.status_code})",
+                            status=resp.status_code)
+        if resp.status_code != 200:
+            raise AuthError(f"{self.endpoint}: token service answered {resp.status_code} for {scope}",
+                            status=resp.status_code, temporary=resp.status_code >= 500)
+        try:
+            obj = resp.json()
+            token = obj.get("token") or obj.get("access_token")
+        except ValueError:
+            token, obj = None, {}
+        if not token:
+            raise AuthError(f"{self.endpoint}: token service answered without a token")
+        self.tokens.put(self._token_key(challenge, scope), token, obj.get("expires_in"))
+        return token
+
+    def _token_request(self, method: str, url: str, headers: dict[str, str], body: str | None) -> requests.Response:
+        host = urlsplit(url).netloc
+        try:
+            return self._session().request(method, url, headers=headers, data=body, timeout=self.retry.timeout,
+                                           verify=self.policy.verify(host), allow_redirects=False)
+        except requests.exceptions.SSLError:
+            raise TLSError(f"TLS error talking to token service {host}{self._tls_hint()}") from None
+        except requests.exceptions.RequestException as e:
+            raise TransportError(f"token service {host} unreachable: {type(e).__name__}") from None
+
+    def _answer_challenge(self, resp: requests.Response, repository: str | None, sent: str | None) -> str:
+        """Learn from a 401 and return the Authorization to retry with."""
+        challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+        challenge = next((c for c in challenges if c.scheme == "bearer"), None) or next(
+            (c for c in challenges if c.scheme == "basic"), None)
+        if challenge is None:
+            raise AuthError(f"{self.endpoint} requires authentication but sent no usable challenge", status=401)
+        self._challenge = challenge
+        if challenge.scheme == "basic":
+            creds = self._credentials()
+            if not creds or not creds.password:
+                raise AuthError(f"{self.endpoint} requires credentials: none found (docker config.json or "
+                                "--pull-secret)", status=401)
+            header = creds.basic_header()
+            if sent == header:
+                raise AuthError(f"{self.endpoint}: credentials for user {creds.username!r} were rejected (401)",
+                                status=401)
+            return header
+        scope = challenge.params.get("scope") or (self._scope(repository) if repository else "")
+        key = self._token_key(challenge, scope)
+        if sent is not None and sent.startswith("Bearer "):
+            self.tokens.drop(key)  # expired, revoked, or insufficient_scope: ask again
+        return f"Bearer {self._fetch_token(challenge, scope)}"
+
+    # -- requests with auth, retries and redirects ----------------------------------------
+
+    def _request(
+        self, method: str, path: str, repository: str | None, headers: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        """Send with auth, follow redirects safely, and retry what is temporary."""
+        failures = 0
+        while True:
+            try:
+                resp = self._request_once(method, path, repository, dict(headers or {}), stream)
+            except (TransportError, RegistryError) as e:
+                if not getattr(e, "temporary", False) or isinstance(e, TLSError):
+                    raise
+                failures += 1
+                if failures >= self.retry.attempts:
+                    raise
+                delay = getattr(e, "retry_after", None)
+                self._sleep(delay if delay is not None else self._backoff(failures))
+                continue
+            return resp
+
+    def _backoff(self, failures: int) -> float:
+        return min(self.retry.max_backoff, self.retry.backoff * (2 ** (failures - 1)))
+
+    def _request_once(
+        self, method: str, path: str, repository: str | None, headers: dict[str, str], stream: bool
+    ) -> requests.Response:
+        url = self.base + path
+        auth = self._auth_header(repository)
+        answered = False
+        for _ in range(6):
+            send_headers = dict(headers)
+            on_registry = urlsplit(url).netloc.lower() == self.endpoint.lower()
+            if auth and on_registry:
+                send_headers["Authorization"] = auth
+            resp = self._send(method, url, send_headers, stream)
+            if resp.status_code == 401 and on_registry and not answered:
+                resp.close()
+                auth = self._answer_challenge(resp, repository, auth)
+                answered = True
+                continue
+            if resp.status_code in _REDIRECTS and "Location" in resp.headers:
+                resp.close()
+                url = urljoin(url, resp.headers["Location"])
+                continue
+            if resp.status_code >= 400:
+                self._raise_for(resp, path)
+            return resp
+        raise TransportError(f"{self.endpoint}: too many redirects for {path}")
+
+    def _raise_for(self, resp: requests.Response, path: str) -> None:
+        status = resp.status_code
+        codes, message = _error_codes(resp) if resp.request.method != "HEAD" else ((), "")
+        resp.close()
+        detail = f" ({', '.join(codes)}{': ' + message if message else ''})" if codes else ""
+        where = f"{self.endpoint}{path}"
+        if status == 401:
+            raise AuthError(f"{where}: authentication failed (401){detail}", status, codes)
+        if status == 403:
+            raise AuthError(f"{where}: access denied (403){detail}", status, codes)
+        if status == 404:
+            raise NotFoundError(f"{where}: not found (404){detail}", status, codes)
+        if status == 429 or status >= 500:
+            err = RegistryError(f"{where}: registry answered {status}{detail}", status, codes, temporary=True)
+            delay = _retry_after(resp) if status == 429 else None
+            err.retry_after = min(delay, self.retry.max_retry_after) if delay is not None else None  # type: ignore[attr-defined]
+            raise err
+        raise RegistryError(f"{where}: registry answered {status}{detail}", status, codes)
+
+    # -- the API -------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """GET /v2/: reachable, speaks the API, and (if it says so) learn its auth."""
+        self._request("GET", "/v2/", None).close()
+
+    def get_manifest(self, repository: str, identifier: str, expected: Digest | None = None) -> FetchedManifest:
+        """Fetch a manifest's exact bytes and verify them.
+
+        The digest the registry claims (``Docker-Content-Digest``) and the digest we asked
+        for (``expected``) must both match the bytes; a manifest larger than the cap is
+        refused before it is read in full.
+        """
+        resp = self._request("GET", f"/v2/{repository}/manifests/{identifier}", repository,
+                             {"Accept": ACCEPT}, stream=True)
+        with resp:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
+                raise UnsupportedError(f"{repository}:{identifier}: manifest of {length} bytes exceeds the "
+                                       f"{MAX_MANIFEST_SIZE}-byte cap")
+            raw = self._read_limited(resp, MAX_MANIFEST_SIZE, f"{repository}:{identifier}")
+            if length and length.isdigit() and int(length) != len(raw):
+                raise TransportError(f"{self.endpoint}: manifest {repository}:{identifier} truncated "
+                                     f"({len(raw)} of {length} bytes)")
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            claimed = resp.headers.get("Docker-Content-Digest")
+        what = f"manifest {repository}@{identifier}"
+        if claimed:
+            try:
+                claimed_digest = Digest.parse(claimed.strip())
+            except Exception:
+                raise DigestMismatchError(f"{what}: registry sent an invalid Docker-Content-Digest") from None
+            actual = Digest.of(raw, claimed_digest.algorithm)
+            if actual != claimed_digest:
+                raise DigestMismatchError(f"{what}: digest mismatch: registry claims {claimed_digest}, "
+                                          f"bytes hash to {actual}")
+        digest = Digest.of(raw, expected.algorithm if expected else "sha256")
+        if expected and digest != expected:
+            raise DigestMismatchError(f"{what}: digest mismatch: expected {expected}, got {digest}")
+        return FetchedManifest(raw, digest, media_type)
+
+    def _read_limited(self, resp: requests.Response, limit: int, what: str) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        try:
+            for chunk in resp.iter_content(65536):
+                total += len(chunk)
+                if total > limit:
+                    raise UnsupportedError(f"{what}: manifest exceeds the {limit}-byte cap")
+                parts.append(chunk)
+        except requests.exceptions.RequestException as e:
+            raise TransportError(f"{self.endpoint}: connection lost reading {what}: {type(e).__name__}") from None
+        return b"".join(parts)
+
+    def fetch_blob(
+        self, repository: str, digest: Digest, size: int, sink: BlobSink,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        """Stream a blob into ``sink``, resuming with Range after a dropped connection.
+
+        The sink hashes; this method only guarantees that exactly ``size`` bytes were
+        delivered in order. A server that ignores Range makes the sink start over.
+        """
+        failures = 0
+        while True:
+            start = sink.offset
+            try:
+                self._stream_blob(repository, digest, size, sink, on_bytes)
+                return
+            except TransportError:
+                if sink.offset > start:
+                    failures = 0  # progress was made: the next failure starts a fresh count
+                failures += 1
+                if failures >= self.retry.attempts:
+                    raise
+                self._sleep(self._backoff(failures))
+
+    def _stream_blob(self, repository: str, digest: Digest, size: int, sink: BlobSink,
+                     on_bytes: Callable[[int], None] | None) -> None:
+        headers = {"Range": f"bytes={sink.offset}-"} if sink.offset else {}
+        path = f"/v2/{repository}/blobs/{digest}"
+        resp = self._request("GET", path, repository, headers, stream=True)
+        with resp:
+            if sink.offset and resp.status_code != 206:
+                if on_bytes:
+                    on_bytes(-sink.offset)
+                sink.reset()
+            elif resp.status_code == 206 and not resp.headers.get("Content-Range", "").startswith(
+                    f"bytes {sink.offset}-"):
+                if on_bytes:
+                    on_bytes(-sink.offset)
+                sink.reset()
+                raise TransportError(f"{self.endpoint}: blob {digest.short} resumed at the wrong offset")
+            raw = resp.raw
+            try:
+                while sink.offset < size:
+                    chunk = raw.read(min(CHUNK, size - sink.offset), decode_content=False)
+                    if not chunk:
+                        break
+                    sink.write(chunk)
+                    if on_bytes:
+                        on_bytes(len(chunk))
+                if sink.offset == size and raw.read(1, decode_content=False):
+                    raise DigestMismatchError(f"blob {digest}: registry sent more than the {size} bytes "
+                                              "its descriptor declares")
+            except (urllib3.exceptions.HTTPError, OSError, requests.exceptions.RequestException) as e:
+                raise TransportError(f"{self.endpoint}: connection lost during blob {digest.short} at "
+                                     f"{sink.offset} of {size} bytes ({type(e).__name__})") from None
+        if sink.offset < size:
+            raise TransportError(f"{self.endpoint}: blob {digest.short} truncated at {sink.offset} of {size} bytes")
+
+    @contextmanager
+    def open_blob(self, repository: str, digest: Digest) -> Iterator[requests.Response]:
+        """A raw streaming response for a blob (for pull-through serving)."""
+        resp = self._request("GET", f"/v2/{repository}/blobs/{digest}", repository, stream=True)
+        try:
+            yield resp
+        finally:
+            resp.close()

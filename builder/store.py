@@ -1,0 +1,461 @@
+"""The content-addressed store: one OCI image layout that every pull and cache shares.
+
+Layout under imc's home::
+
+    store/            an OCI image layout: oci-layout, index.json, blobs/sha256/<hex>
+    ingest/           partial downloads, resumable, never visible under blobs/
+    locks/            flock files: one per blob being fetched, the index, and gc
+    quarantine/       blobs that failed verification, kept for inspection
+
+A blob appears under ``blobs/`` only by an atomic rename after its size and digest
+were checked, so whatever is there is complete and verified. One download per digest
+holds across threads and processes through a per-digest ``flock``; a crashed process
+releases its locks, and its partial file is resumed by the next pull.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from builder.digest import Digest, hash_file
+from builder.errors import DigestMismatchError, NotFoundLocalError, StoreError
+from builder.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Index, Manifest, parse_manifest
+
+REF_NAME = "org.opencontainers.image.ref.name"
+INDEX_ANNOTATION = "dev.imc.index.digest"
+LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
+_HASH_CHUNK = 1 << 20
+
+
+def default_home() -> Path:
+    """``$IMC_HOME``, else ``$XDG_DATA_HOME/imc``, else ``~/.local/share/imc``."""
+    if os.environ.get("IMC_HOME"):
+        return Path(os.environ["IMC_HOME"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "imc"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a small file so that readers see the old content or the new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def flocked(path: Path, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
+    """Hold an flock on ``path``; yields False (and holds nothing) if not blocking and busy."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        flags = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, flags | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+class Ingest:
+    """A blob being written: hashes as it goes and resumes from a partial file.
+
+    This is the ``BlobSink`` the registry client streams into.
+    """
+
+    def __init__(self, path: Path, digest: Digest, size: int) -> None:
+        self.path = path
+        self.digest = digest
+        self.size = size
+        self._hash = digest.hasher()
+        self._file: BinaryIO = open(path, "a+b", buffering=0)  # noqa: SIM115 - closed by close()
+        self._offset = 0
+        self._resume()
+
+    def _resume(self) -> None:
+        """Rehash what an earlier attempt left, so the download continues after it."""
+        held = os.fstat(self._file.fileno()).st_size
+        if held > self.size:
+            self.reset()
+            return
+        self._file.seek(0)
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        while n := self._file.readinto(buf):
+            self._hash.update(view[:n])
+            self._offset += n
+        self._file.seek(0, os.SEEK_END)
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._hash.update(data)
+        self._file.write(data)
+        self._offset += len(data)
+
+    def reset(self) -> None:
+        self._file.truncate(0)
+        self._file.seek(0)
+        self._hash = self.digest.hasher()
+        self._offset = 0
+
+    def commit(self, final: Path) -> None:
+        """Check size and digest, make the bytes durable, and rename into place."""
+        if self._offset != self.size:
+            raise DigestMismatchError(f"blob {self.digest}: got {self._offset} bytes, expected {self.size}")
+        actual = Digest(self.digest.algorithm, self._hash.hexdigest())
+        if actual != self.digest:
+            self.discard()
+            raise DigestMismatchError(f"blob digest mismatch: expected {self.digest}, got {actual}")
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.chmod(self.path, 0o444)
+        os.replace(self.path, final)
+
+    def discard(self) -> None:
+        """Forget the partial bytes: they can never become this blob."""
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image the store holds: its reference name and top-level manifest descriptor."""
+
+    name: str
+    descriptor: Descriptor
+    index_digest: Digest | None = None
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: blobs checked, corrupt ones quarantined, missing ones."""
+
+    checked: int = 0
+    bytes: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.missing
+
+
+@dataclass
+class GcReport:
+    """What ``gc`` removed."""
+
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    partials_removed: int = 0
+
+
+class Store:
+    """The content-addressed blob store and its image index (an OCI image layout)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.layout = self.home / "store"
+        self.blobs = self.layout / "blobs"
+        self.ingest_dir = self.home / "ingest"
+        self.locks = self.home / "locks"
+        self.quarantine = self.home / "quarantine"
+        self._ensure_layout()
+
+    def _ensure_layout(self) -> None:
+        try:
+            for d in (self.blobs / "sha256", self.ingest_dir, self.locks, self.quarantine):
+                d.mkdir(parents=True, exist_ok=True)
+            if not (self.layout / "oci-layout").exists():
+                write_atomic(self.layout / "oci-layout", json.dumps(LAYOUT_VERSION).encode())
+            if not (self.layout / "index.json").exists():
+                with flocked(self.locks / "index.lock"):
+                    if not (self.layout / "index.json").exists():
+                        self._write_index([])
+        except OSError as e:
+            raise StoreError(f"cannot create the store under {self.home}: {e.strerror}") from None
+
+    # -- blobs ---------------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        """Where a blob lives (whether or not it is there)."""
+        return self.blobs / digest.algorithm / digest.hex
+
+    def has(self, digest: Digest, size: int | None = None) -> bool:
+        """True when the blob is stored (and, if given, has ``size`` bytes)."""
+        try:
+            st = os.stat(self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def size(self, digest: Digest) -> int:
+        """The stored blob's size, or NotFoundLocalError."""
+        try:
+            return os.stat(self.blob_path(digest)).st_size
+        except FileNotFoundError:
+            raise NotFoundLocalError(f"blob {digest} is not in the store") from None
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        """Open a stored blob for reading."""
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise NotFoundLocalError(f"blob {digest} is not in the store") from None
+
+    def read_blob(self, digest: Digest) -> bytes:
+        """A small blob's bytes (manifests, configs)."""
+        with self.open_blob(digest) as f:
+            return f.read()
+
+    def put_bytes(self, digest: Digest, data: bytes) -> bool:
+        """Store small verified content; False if it was already there."""
+        if self.has(digest, len(data)):
+            return False
+        if Digest.of(data, digest.algorithm) != digest:
+            raise DigestMismatchError(f"content does not match {digest}")
+        try:
+            write_atomic(self.blob_path(digest), data, 0o444)
+        except OSError as e:
+            raise StoreError(f"cannot write blob {digest.short}: {e.strerror}") from None
+        return True
+
+    def ensure_blob(self, digest: Digest, size: int, download: Callable[[Ingest], None]) -> bool:
+        """Make sure the blob is stored, downloading it at most once across processes.
+
+        Returns True if this call fetched it, False if it was already there (perhaps
+        fetched by another thread or process while this one waited for the lock).
+        Call it inside ``pinning()``: gc relies on that to know no fetch is running.
+        """
+        if self.has(digest, size):
+            return False
+        with flocked(self.locks / f"blob-{digest.algorithm}-{digest.hex}.lock"):
+            if self.has(digest, size):
+                return False
+            try:
+                ingest = Ingest(self.ingest_dir / f"{digest.algorithm}-{digest.hex}.partial", digest, size)
+            except OSError as e:
+                raise StoreError(f"cannot write to the store's ingest area: {e.strerror}") from None
+            try:
+                download(ingest)
+                ingest.commit(self.blob_path(digest))
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    ingest.discard()
+                    raise StoreError(f"no space left in {self.home} while storing blob {digest.short}") from None
+                raise StoreError(f"cannot store blob {digest.short}: {e.strerror}") from None
+            finally:
+                ingest.close()
+        return True
+
+    def pinning(self) -> contextlib.AbstractContextManager[bool]:
+        """Hold off gc while blobs are fetched but not yet referenced by an image."""
+        return flocked(self.locks / "gc.lock", shared=True)
+
+    # -- the image index -----------------------------------------------------------
+
+    def _read_index(self) -> list[dict]:
+        try:
+            doc = json.loads((self.layout / "index.json").read_bytes())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"the store's index.json is unreadable: {e}") from None
+        return list(doc.get("manifests") or [])
+
+    def _write_index(self, entries: list[dict]) -> None:
+        doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+        write_atomic(self.layout / "index.json", json.dumps(doc, indent=1).encode())
+
+    def images(self) -> list[StoredImage]:
+        """Every image the store holds, in the order they were added."""
+        out = []
+        for entry in self._read_index():
+            desc = Descriptor.from_json(entry)
+            name = desc.annotations.get(REF_NAME)
+            if not name:
+                continue
+            index = desc.annotations.get(INDEX_ANNOTATION)
+            out.append(StoredImage(name, desc, Digest.parse(index) if index else None))
+        return out
+
+    def image(self, name: str) -> StoredImage:
+        """The stored image called ``name``."""
+        for image in self.images():
+            if image.name == name:
+                return image
+        raise NotFoundLocalError(f"image {name} is not in the store")
+
+    def add_image(self, name: str, descriptor: Descriptor, index_digest: Digest | None = None) -> None:
+        """Point ``name`` at a manifest whose blobs are all stored (replacing any old entry)."""
+        annotations = {REF_NAME: name}
+        if index_digest:
+            annotations[INDEX_ANNOTATION] = str(index_digest)
+        entry = Descriptor(descriptor.media_type, descriptor.digest, descriptor.size, descriptor.platform,
+                           annotations).to_json()
+        with flocked(self.locks / "index.lock"):
+            entries = [e for e in self._read_index() if (e.get("annotations") or {}).get(REF_NAME) != name]
+            entries.append(entry)
+            self._write_index(entries)
+
+    def remove_image(self, name: str) -> bool:
+        """Forget an image name (its blobs go at the next gc if nothing else needs them)."""
+        with flocked(self.locks / "index.lock"):
+            entries = self._read_index()
+            kept = [e for e in entries if (e.get("annotations") or {}).get(REF_NAME) != name]
+            if len(kept) == len(entries):
+                return False
+            self._write_index(kept)
+            return True
+
+    def manifest(self, digest: Digest) -> Manifest | Index:
+        """A stored manifest or index, parsed."""
+        return parse_manifest(self.read_blob(digest))
+
+    def closure(self, digest: Digest) -> set[Digest]:
+        """The digest and every blob it references, recursively (index → manifests → blobs)."""
+        out = {digest}
+        if not self.has(digest):
+            return out
+        try:
+            node = self.manifest(digest)
+        except Exception:
+            return out
+        if isinstance(node, Index):
+            for child in node.manifests:
+                if child.media_type in (*MANIFEST_TYPES, *INDEX_TYPES) and self.has(child.digest):
+                    out |= self.closure(child.digest)
+        else:
+            out |= {d.digest for d in node.blobs()}
+        return out
+
+    def referenced(self) -> set[Digest]:
+        """Every blob some stored image needs."""
+        live: set[Digest] = set()
+        for image in self.images():
+            live |= self.closure(image.descriptor.digest)
+            if image.index_digest:
+                live.add(image.index_digest)
+        return live
+
+    def all_blobs(self) -> Iterator[tuple[Digest, Path]]:
+        """Every blob file present, as (digest, path)."""
+        for algo_dir in sorted(self.blobs.iterdir()):
+            if not algo_dir.is_dir():
+                continue
+            for p in sorted(algo_dir.iterdir()):
+                try:
+                    yield Digest.parse(f"{algo_dir.name}:{p.name}"), p
+                except Exception:
+                    continue
+
+    # -- maintenance ---------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Rehash every blob; move corrupt ones to quarantine; report missing references."""
+        report = VerifyReport()
+        for digest, path in self.all_blobs():
+            if path.is_symlink() or not path.is_file():
+                self._quarantine(digest, path)
+                report.corrupt.append(str(digest))
+                continue
+            actual, size = hash_file(str(path), digest.algorithm)
+            report.checked += 1
+            report.bytes += size
+            if actual != digest:
+                self._quarantine(digest, path)
+                report.corrupt.append(str(digest))
+        for digest in sorted(self.referenced()):
+            if not self.has(digest):
+                report.missing.append(str(digest))
+        return report
+
+    def _quarantine(self, digest: Digest, path: Path) -> None:
+        target = self.quarantine / f"{digest.algorithm}-{digest.hex}"
+        try:
+            os.replace(path, target)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def gc(self, extra_roots: set[Digest] | None = None) -> GcReport:
+        """Remove blobs no image (nor ``extra_roots``) needs, and abandoned partials.
+
+        Runs under the exclusive gc lock, so no pull is between fetching a blob and
+        recording the image that needs it.
+        """
+        report = GcReport()
+        with flocked(self.locks / "gc.lock"):
+            live = self.referenced() | set(extra_roots or ())
+            for digest, path in self.all_blobs():
+                if digest in live:
+                    continue
+                size = path.lstat().st_size
+                path.unlink(missing_ok=True)
+                report.blobs_removed += 1
+                report.bytes_freed += size
+            # Every fetch runs under ``pinning()``, so none is in progress now: partials
+            # are abandoned and per-blob lock files are free to go.
+            for partial in self.ingest_dir.glob("*.partial"):
+                partial.unlink(missing_ok=True)
+                report.partials_removed += 1
+            for lock in self.locks.glob("blob-*.lock"):
+                lock.unlink(missing_ok=True)
+        return report
+
+
+@dataclass
+class LayerUse:
+    """A stored layer, its descriptor, and the names of the images that use it."""
+
+    descriptor: Descriptor
+    images: list[str]
+    present: bool
+
+
+def layer_usage(store: Store) -> dict[Digest, LayerUse]:
+    """Every layer of every stored image, with the images that share it."""
+    out: dict[Digest, LayerUse] = {}
+    for image in store.images():
+        try:
+            node = store.manifest(image.descriptor.digest)
+        except NotFoundLocalError:
+            continue
+        if not isinstance(node, Manifest):
+            continue
+        for layer in node.layers:
+            use = out.setdefault(layer.digest, LayerUse(layer, [], store.has(layer.digest)))
+            if image.name not in use.images:
+                use.images.append(image.name)
+    return out
