@@ -773,7 +773,8 @@ class RegistryClient:
                  username: str | None = None, password: str | None = None, timeout: float = 120.0) -> None:
         self.base = f"{scheme}://{host}"
         self.session = requests.Session()
-        self.session.verify = ca_file if ca_file else True
+        # Passed per request: a Session.verify path loses to REQUESTS_CA_BUNDLE.
+        self.verify: str | bool = ca_file if ca_file else True
         self.credentials = (username, password) if username is not None else None
         self.timeout = timeout
         self._auth: dict[str, str] = {}  # repository -> Authorization header value
@@ -786,7 +787,8 @@ class RegistryClient:
             hdrs = dict(headers or {})
             if repository in self._auth:
                 hdrs["Authorization"] = self._auth[repository]
-            resp = self.session.request(method, url, data=body() if body else None, headers=hdrs, timeout=self.timeout)
+            resp = self.session.request(method, url, data=body() if body else None, headers=hdrs,
+                                        verify=self.verify, timeout=self.timeout)
             if resp.status_code != 401 or attempt == 1:
                 return resp
             self._authenticate(repository, resp.headers.get("WWW-Authenticate", ""))
@@ -803,7 +805,8 @@ class RegistryClient:
         if scheme != "bearer" or "realm" not in params:
             raise PushError(f"unsupported challenge {challenge!r}")
         query = {k: v for k, v in params.items() if k in ("service", "scope")}
-        resp = self.session.get(params["realm"], params=query, auth=self.credentials, timeout=self.timeout)
+        resp = self.session.get(params["realm"], params=query, auth=self.credentials, verify=self.verify,
+                                timeout=self.timeout)
         if resp.status_code != 200:
             raise PushError(f"token request to {params['realm']} failed: {resp.status_code} {resp.text[:300]}")
         answer = resp.json()
