@@ -783,16 +783,19 @@ class RegistryClient:
                 headers: dict[str, str] | None = None) -> requests.Response:
         """Send a request, answering one auth challenge; ``body`` makes a fresh body per try."""
         url = urljoin(self.base + "/", url)
-        for attempt in range(2):
+
+        def send() -> requests.Response:
             hdrs = dict(headers or {})
             if repository in self._auth:
                 hdrs["Authorization"] = self._auth[repository]
-            resp = self.session.request(method, url, data=body() if body else None, headers=hdrs,
+            return self.session.request(method, url, data=body() if body else None, headers=hdrs,
                                         verify=self.verify, timeout=self.timeout)
-            if resp.status_code != 401 or attempt == 1:
-                return resp
+
+        resp = send()
+        if resp.status_code == 401:
             self._authenticate(repository, resp.headers.get("WWW-Authenticate", ""))
-        raise AssertionError("unreachable")
+            resp = send()
+        return resp
 
     def _authenticate(self, repository: str, challenge: str) -> None:
         scheme, params = parse_challenge(challenge)
@@ -835,7 +838,7 @@ class RegistryClient:
         location = resp.headers["Location"]
         if size <= MONOLITHIC_LIMIT:
             resp = self.request("PUT", _with_query(location, digest=digest), repository,
-                                body=lambda: path.read_bytes(),
+                                body=path.read_bytes,
                                 headers={"Content-Type": "application/octet-stream"})
             self._check(resp, (201,), f"PUT blob {digest}")
             return True
