@@ -109,6 +109,7 @@ class Puller:
         concurrency: int = DEFAULT_CONCURRENCY,
         on_event: Callable[[PullEvent], None] | None = None,
         retry: RetryPolicy | None = None,
+        tokens: TokenCache | None = None,
     ) -> None:
         self.store = store
         self.policy = policy or HostPolicy()
@@ -117,7 +118,7 @@ class Puller:
         self.concurrency = max(1, concurrency)
         self._emit = on_event or (lambda event: None)
         self._retry = retry
-        self._tokens = TokenCache()
+        self._tokens = tokens or TokenCache()
         self._registries: dict[str, Registry] = {}
         self._lock = threading.Lock()
 

@@ -39,6 +39,8 @@ from builder.registry.auth import Challenge, Credentials, Keychain, TokenCache, 
 from builder.registry.hosts import HostPolicy, Transport
 
 log = logging.getLogger(__name__)
+# Skipping verification is the user's explicit choice (--insecure), not news to warn of.
+urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
 CHUNK = 1 << 20
 USER_AGENT = f"imc/{__version__}"
@@ -325,6 +327,11 @@ class Registry:
                 resp.close()
                 url = urljoin(url, resp.headers["Location"])
                 continue
+            if resp.status_code == 401 and answered:
+                resp.close()
+                creds = self._credentials()
+                who = f"user {creds.username!r}" if creds and creds.username else "the credentials"
+                raise AuthError(f"{self.endpoint}: {who} rejected for {repository or path} (401)", status=401)
             if resp.status_code >= 400:
                 self._raise_for(resp, path)
             return resp
