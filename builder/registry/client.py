@@ -275,7 +275,8 @@ class Registry:
                 raise AuthError(f"{self.endpoint}: credentials for user {creds.username!r} were rejected (401)",
                                 status=401)
             return header
-        scope = challenge.params.get("scope") or (self._scope(repository) if repository else "")
+        # Key tokens by our own scope string: registries vary the action order in theirs.
+        scope = self._scope(repository) if repository else challenge.params.get("scope", "")
         key = self._token_key(challenge, scope)
         if sent is not None and sent.startswith("Bearer "):
             self.tokens.drop(key)  # expired, revoked, or insufficient_scope: ask again
@@ -435,6 +436,8 @@ class Registry:
 
     def _stream_blob(self, repository: str, digest: Digest, size: int, sink: BlobSink,
                      on_bytes: Callable[[int], None] | None) -> None:
+        if sink.offset >= size:
+            return  # already complete (an earlier run stopped before commit): a Range would get 416
         headers = {"Range": f"bytes={sink.offset}-"} if sink.offset else {}
         path = f"/v2/{repository}/blobs/{digest}"
         resp = self._request("GET", path, repository, headers, stream=True)
