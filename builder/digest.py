@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from builder.errors import BadReferenceError, DigestMismatchError
 
 _HEX_LENGTHS = {"sha256": 64, "sha512": 128}
-_DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
+_DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)\Z")  # \Z: "$" would accept a trailing newline
 
 
 @dataclass(frozen=True, order=True)

@@ -113,6 +113,8 @@ class Ingest:
             self._hash.update(view[:n])
             self._offset += n
         self._file.seek(0, os.SEEK_END)
+        if self._offset == self.size and self._hash.copy().hexdigest() != self.digest.hex:
+            self.reset()  # complete but wrong: these bytes can never become this blob
 
     @property
     def offset(self) -> int:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from builder.errors import AuthError, ValidationError
 
-_SECRET_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
+_SECRET_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,16 @@ class DockerConfig:
     def lookup(self, endpoint: str) -> Credentials | None:
         """Credentials for ``endpoint`` (exact host:port match), or None."""
         key = _endpoint_key(endpoint)
+        # Helpers hold Docker Hub's credentials under the server URL docker login uses.
+        server = DOCKER_HUB_SERVER if key == "docker.io" else key
         if key in self.cred_helpers:
-            return _run_helper(self.cred_helpers[key], key)
+            return _run_helper(self.cred_helpers[key], server)
         if key in self.auths:
             found = _from_auth_entry(self.auths[key])
             if found:
                 return found
         if self.creds_store:
-            return _run_helper(self.creds_store, key)
+            return _run_helper(self.creds_store, server)
         return None
 
 

@@ -370,19 +370,28 @@ class Registry:
         for (``expected``) must both match the bytes; a manifest larger than the cap is
         refused before it is read in full.
         """
-        resp = self._request("GET", f"/v2/{repository}/manifests/{identifier}", repository,
-                             {"Accept": ACCEPT}, stream=True)
-        with resp:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
-                raise UnsupportedError(f"{repository}:{identifier}: manifest of {length} bytes exceeds the "
-                                       f"{MAX_MANIFEST_SIZE}-byte cap")
-            raw = self._read_limited(resp, MAX_MANIFEST_SIZE, f"{repository}:{identifier}")
-            if length and length.isdigit() and int(length) != len(raw):
-                raise TransportError(f"{self.endpoint}: manifest {repository}:{identifier} truncated "
-                                     f"({len(raw)} of {length} bytes)")
-            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-            claimed = resp.headers.get("Docker-Content-Digest")
+        failures = 0
+        while True:  # a connection dropped mid-body is retried like one dropped before it
+            resp = self._request("GET", f"/v2/{repository}/manifests/{identifier}", repository,
+                                 {"Accept": ACCEPT}, stream=True)
+            try:
+                with resp:
+                    length = resp.headers.get("Content-Length")
+                    if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
+                        raise UnsupportedError(f"{repository}:{identifier}: manifest of {length} bytes exceeds "
+                                               f"the {MAX_MANIFEST_SIZE}-byte cap")
+                    raw = self._read_limited(resp, MAX_MANIFEST_SIZE, f"{repository}:{identifier}")
+                    if length and length.isdigit() and int(length) != len(raw):
+                        raise TransportError(f"{self.endpoint}: manifest {repository}:{identifier} truncated "
+                                             f"({len(raw)} of {length} bytes)")
+                    media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+                    claimed = resp.headers.get("Docker-Content-Digest")
+                break
+            except TransportError:
+                failures += 1
+                if failures >= self.retry.attempts:
+                    raise
+                self._sleep(self._backoff(failures))
         what = f"manifest {repository}@{identifier}"
         if claimed:
             try:

@@ -1,0 +1,51 @@
+"""Shared fixtures for the unit tests.
+
+``tests/`` is not a package: the helpers under ``tests/support`` are imported as the
+top-level package ``support``, which this file puts on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+from support.faultserver import FaultServer  # noqa: E402
+
+
+@pytest.fixture
+def server():
+    """A fault server for the repository ``test/app``, stopped after the test."""
+    with FaultServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def other_server():
+    """A second fault server (the "other host" blob redirects point at)."""
+    with FaultServer() as srv:
+        yield srv
+
+
+class SleepRecorder:
+    """An injectable ``sleep`` that records the delays asked for and returns at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> SleepRecorder:
+    return SleepRecorder()
+
+
+@pytest.fixture(autouse=True)
+def _no_host_docker_config(tmp_path_factory, monkeypatch):
+    """Never read the developer's ~/.docker/config.json or credential helpers."""
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path_factory.mktemp("docker-config")))
