@@ -11,14 +11,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
 
 from builder.digest import Digest
 from builder.errors import ImcError
 from builder.oci import Descriptor, Index, Manifest, Platform, parse_manifest
 from builder.reference import Reference
 from builder.registry.auth import Keychain, TokenCache
-from builder.registry.client import Registry, RetryPolicy
+from builder.registry.client import CHUNK, BlobSink, Registry, RetryPolicy
 from builder.registry.hosts import HostPolicy
 from builder.store import Store
 
@@ -31,7 +33,8 @@ class PullEvent:
 
     kind is one of: ``resolved`` (an image's manifest is verified), ``blob-start``,
     ``blob-bytes`` (``bytes`` more arrived; negative when a download restarts),
-    ``blob-done`` (``reused`` tells whether it was already stored), ``image-done``.
+    ``blob-done`` (``origin`` says where it came from, ``reused`` unless the registry),
+    ``image-done``.
     """
 
     kind: str
@@ -41,14 +44,33 @@ class PullEvent:
     bytes: int = 0
     reused: bool = False
     media_type: str = ""
+    origin: str = ""
+
+
+REGISTRY = "registry"
+STORE = "store"
+
+
+class BlobSource(Protocol):
+    """Somewhere local that may hold a blob, tried before the network (another cache)."""
+
+    name: str
+
+    def open_blob(self, digest: Digest) -> BinaryIO | None:
+        """A stream of the blob's bytes, or None if this source does not hold it."""
 
 
 @dataclass
 class BlobOutcome:
-    """A blob of a pulled image, and whether this pull fetched or reused it."""
+    """A blob of a pulled image, and where this pull got it: ``registry`` (fetched),
+    ``store`` (already held), or the name of the local source it was copied from."""
 
     descriptor: Descriptor
-    fetched: bool
+    origin: str
+
+    @property
+    def fetched(self) -> bool:
+        return self.origin == REGISTRY
 
 
 @dataclass
@@ -110,6 +132,7 @@ class Puller:
         on_event: Callable[[PullEvent], None] | None = None,
         retry: RetryPolicy | None = None,
         tokens: TokenCache | None = None,
+        sources: Sequence[BlobSource] = (),
     ) -> None:
         self.store = store
         self.policy = policy or HostPolicy()
@@ -119,6 +142,7 @@ class Puller:
         self._emit = on_event or (lambda event: None)
         self._retry = retry
         self._tokens = tokens or TokenCache()
+        self.sources = tuple(sources)
         self._registries: dict[str, Registry] = {}
         self._lock = threading.Lock()
 
@@ -149,38 +173,45 @@ class Puller:
         self._emit(PullEvent("resolved", str(ref), fetched.digest, len(fetched.raw)))
         return _Resolved(ref, node, descriptor, index_digest, platform, registry)
 
-    def pull(self, refs: list[Reference]) -> PullResult:
-        """Pull every image; raise the first error after stopping the other downloads."""
+    def pull(self, refs: list[Reference], record: bool = True) -> PullResult:
+        """Pull every image; raise the first error after stopping the other downloads.
+
+        With ``record`` each image is named in the store's index (so it stays until
+        removed); without it the caller holds the blobs by other means, and must do
+        so inside its own ``store.pinning()`` to keep gc off them.
+        """
         with self.store.pinning():
             resolved = [self.resolve(ref) for ref in refs]
             jobs: dict[Digest, tuple[_Resolved, Descriptor]] = {}
             for image in resolved:
                 for desc in image.manifest.blobs():
                     jobs.setdefault(desc.digest, (image, desc))
-            fetched = self._fetch_all(jobs)
+            origins = self._fetch_all(jobs)
             images = []
             for image in resolved:
                 self.store.put_bytes(image.descriptor.digest, image.manifest.raw)
                 name = str(image.reference)
-                self.store.add_image(name, image.descriptor, image.index_digest)
+                if record:
+                    self.store.add_image(name, image.descriptor, image.index_digest)
                 pulled = PulledImage(image.reference, name, image.manifest, image.descriptor, image.index_digest,
                                      image.platform,
-                                     [BlobOutcome(d, fetched[d.digest]) for d in image.manifest.blobs()])
+                                     [BlobOutcome(d, origins[d.digest]) for d in image.manifest.blobs()])
                 images.append(pulled)
                 self._emit(PullEvent("image-done", name, image.descriptor.digest, pulled.bytes_fetched,
                                      pulled.bytes_reused))
-        unique = {d: jobs[d][1].size for d in jobs}
+        fetched = {d: origins[d] == REGISTRY for d in jobs}
+        sizes = {d: jobs[d][1].size for d in jobs}
         return PullResult(
             images,
-            bytes_fetched=sum(size for d, size in unique.items() if fetched[d]),
-            bytes_reused=sum(size for d, size in unique.items() if not fetched[d]),
-            blobs_fetched=sum(1 for d in unique if fetched[d]),
-            blobs_reused=sum(1 for d in unique if not fetched[d]),
+            bytes_fetched=sum(size for d, size in sizes.items() if fetched[d]),
+            bytes_reused=sum(size for d, size in sizes.items() if not fetched[d]),
+            blobs_fetched=sum(1 for d in sizes if fetched[d]),
+            blobs_reused=sum(1 for d in sizes if not fetched[d]),
         )
 
-    def _fetch_all(self, jobs: dict[Digest, tuple[_Resolved, Descriptor]]) -> dict[Digest, bool]:
+    def _fetch_all(self, jobs: dict[Digest, tuple[_Resolved, Descriptor]]) -> dict[Digest, str]:
         cancel = threading.Event()
-        results: dict[Digest, bool] = {}
+        results: dict[Digest, str] = {}
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imc-pull") as pool:
             futures: dict[Future, Digest] = {
                 pool.submit(self._fetch_one, image, desc, cancel): digest
@@ -198,22 +229,34 @@ class Puller:
                 results[digest] = f.result()
         return results
 
-    def _fetch_one(self, image: _Resolved, desc: Descriptor, cancel: threading.Event) -> bool:
+    def _fetch_one(self, image: _Resolved, desc: Descriptor, cancel: threading.Event) -> str:
         name = str(image.reference)
+        origin = STORE
 
         def on_bytes(n: int) -> None:
             if cancel.is_set():
                 raise _Cancelled()
             self._emit(PullEvent("blob-bytes", name, desc.digest, desc.size, n, media_type=desc.media_type))
 
-        def download(sink) -> None:  # type: ignore[no-untyped-def]
+        def download(sink: BlobSink) -> None:
+            nonlocal origin
+            for source in self.sources:
+                stream = source.open_blob(desc.digest)
+                if stream is not None:
+                    origin = source.name
+                    sink.reset()
+                    with stream:
+                        while chunk := stream.read(CHUNK):
+                            sink.write(chunk)
+                    return
+            origin = REGISTRY
             self._emit(PullEvent("blob-start", name, desc.digest, desc.size, sink.offset,
                                  media_type=desc.media_type))
             image.registry.fetch_blob(image.reference.repository, desc.digest, desc.size, sink, on_bytes)
 
         if cancel.is_set():
             raise _Cancelled()
-        fetched = self.store.ensure_blob(desc.digest, desc.size, download)
-        self._emit(PullEvent("blob-done", name, desc.digest, desc.size, desc.size, reused=not fetched,
-                             media_type=desc.media_type))
-        return fetched
+        self.store.ensure_blob(desc.digest, desc.size, download)
+        self._emit(PullEvent("blob-done", name, desc.digest, desc.size, desc.size, reused=origin != REGISTRY,
+                             media_type=desc.media_type, origin=origin))
+        return origin
