@@ -46,7 +46,7 @@ class Credentials:
 
 def _endpoint_key(server: str) -> str:
     """Normalise a config.json key (``https://index.docker.io/v1/``, ``host:5000``)."""
-    server = re.sub(r"^[a-z]+://", "", server.strip()).split("/")[0].lower()
+    server = re.sub(r"^[a-z]+://", "", server.strip(), flags=re.IGNORECASE).split("/")[0].lower()
     return "docker.io" if server in ("index.docker.io", "registry-1.docker.io") else server
 
 
@@ -79,6 +79,8 @@ def _run_helper(helper: str, server: str) -> Credentials | None:
         obj = json.loads(out.stdout)
     except ValueError:
         raise AuthError(f"credential helper docker-credential-{helper} answered something that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise AuthError(f"credential helper docker-credential-{helper} answered JSON that is not an object")
     if obj.get("Username") == "<token>":
         return Credentials(identity_token=obj.get("Secret", ""))
     return Credentials(obj.get("Username", ""), obj.get("Secret", ""))
@@ -101,8 +103,11 @@ class DockerConfig:
             raise ValidationError(f"{origin} is not valid JSON") from None
         if not isinstance(obj, dict):
             raise ValidationError(f"{origin} is not a JSON object")
-        auths = {_endpoint_key(k): v for k, v in (obj.get("auths") or {}).items() if isinstance(v, dict)}
-        helpers = {_endpoint_key(k): v for k, v in (obj.get("credHelpers") or {}).items()}
+        auths, helpers = obj.get("auths") or {}, obj.get("credHelpers") or {}
+        if not isinstance(auths, dict) or not isinstance(helpers, dict):
+            raise ValidationError(f"{origin}: 'auths' and 'credHelpers' must be objects")
+        auths = {_endpoint_key(k): v for k, v in auths.items() if isinstance(v, dict)}
+        helpers = {_endpoint_key(k): v for k, v in helpers.items() if isinstance(v, str)}
         return cls(auths, helpers, obj.get("credsStore") or None)
 
     def lookup(self, endpoint: str) -> Credentials | None:

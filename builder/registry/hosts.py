@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from builder.errors import ValidationError
 
-_ENDPOINT_RE = re.compile(r"^(?:[a-zA-Z0-9.-]+|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?$")
+_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_ENDPOINT_RE = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-fA-F:.]+\])(?::([0-9]{{1,5}}))?\Z")
 
 
 class Transport(enum.Enum):
@@ -37,7 +38,8 @@ def parse_endpoint_list(text: str | Iterable[str] | None) -> frozenset[str]:
             endpoint = part.strip()
             if not endpoint:
                 continue
-            if not _ENDPOINT_RE.match(endpoint) or "/" in endpoint:
+            m = _ENDPOINT_RE.match(endpoint)
+            if not m or (m.group(1) and not 0 < int(m.group(1)) < 65536):
                 raise ValidationError(f"invalid registry endpoint {endpoint!r}: want host or host:port")
             out.add(endpoint.lower())
     return frozenset(out)
