@@ -31,7 +31,8 @@ DEFAULT_CONCURRENCY = 4
 class PullEvent:
     """One step of a pull, for whoever renders progress.
 
-    kind is one of: ``resolved`` (an image's manifest is verified), ``blob-start``,
+    kind is one of: ``resolved`` (an image's manifest is verified), ``planned`` (``size``
+    bytes in ``bytes`` distinct blobs are needed), ``blob-start``,
     ``blob-bytes`` (``bytes`` more arrived; negative when a download restarts),
     ``blob-done`` (``origin`` says where it came from, ``reused`` unless the registry),
     ``image-done``.
@@ -186,6 +187,7 @@ class Puller:
             for image in resolved:
                 for desc in image.manifest.blobs():
                     jobs.setdefault(desc.digest, (image, desc))
+            self._emit(PullEvent("planned", size=sum(desc.size for _, desc in jobs.values()), bytes=len(jobs)))
             origins = self._fetch_all(jobs)
             images = []
             for image in resolved:

@@ -411,15 +411,19 @@ class Store:
         except OSError:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
-    def gc(self, extra_roots: set[Digest] | None = None) -> GcReport:
-        """Remove blobs no image (nor ``extra_roots``) needs, and abandoned partials.
+    def gc(self, pinned: Callable[[], set[Digest]] | None = None) -> GcReport:
+        """Remove blobs no image needs, nor any manifest that ``pinned()`` names (with
+        everything they reference), and abandoned partials.
 
         Runs under the exclusive gc lock, so no pull is between fetching a blob and
-        recording the image that needs it.
+        recording what needs it; ``pinned`` is asked only once the lock is held, so it
+        sees every such record.
         """
         report = GcReport()
         with flocked(self.locks / "gc.lock"):
-            live = self.referenced() | set(extra_roots or ())
+            live = self.referenced()
+            for digest in (pinned() if pinned else set()):
+                live |= self.closure(digest)
             for digest, path in self.all_blobs():
                 if digest in live:
                     continue

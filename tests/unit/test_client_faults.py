@@ -535,7 +535,7 @@ def test_gc_removes_unreferenced_blobs_only(tmp_path):
     assert store.verify().ok
 
 
-def test_gc_keeps_an_images_index_and_extra_roots(tmp_path):
+def test_gc_keeps_an_images_index_and_pinned_roots(tmp_path):
     store = Store(tmp_path)
     desc, blobs = stored_image(store, "reg/a:1", [b"layer"])
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
@@ -545,7 +545,7 @@ def test_gc_keeps_an_images_index_and_extra_roots(tmp_path):
     store.add_image("reg/a:1", desc, index_digest)
     rooted = b"held by a cache"
     store.put_bytes(Digest.of(rooted), rooted)
-    store.gc(extra_roots={Digest.of(rooted)})
+    store.gc(pinned=lambda: {Digest.of(rooted)})
     assert {d for d, _ in store.all_blobs()} == {*blobs, index_digest, Digest.of(rooted)}
 
 

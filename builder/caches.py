@@ -1,0 +1,531 @@
+"""Image caches over time: create, build, update, delete, expire.
+
+``Caches`` ties the records (imagecache), the shared store (store, pull) and the
+snapshot volumes (volume) together. A build goes:
+
+    Creating ─ pull every image into the store (pinned by the record, so gc keeps it)
+             ─ check the unpacked size against the cache's size
+             ─ [flash: Ready now, served from the store's staging copy]
+             ─ pack the volume ─ Ready, served from the volume, store pin released
+
+Whoever builds a cache holds its ``BuildLease`` (an flock) until the build ends, so
+a builder that dies is noticed by the next reader, which marks the cache Failed
+(or UpdateFailed) instead of leaving it Creating forever.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from builder import volume as volumes
+from builder.digest import Digest
+from builder.errors import CacheStateError, CapacityError, ImcError, NotFoundLocalError
+from builder.imagecache import (
+    BUILDING,
+    CREATING,
+    FAILED,
+    FAILED_RETENTION,
+    GIB,
+    READY,
+    UPDATE_FAILED,
+    UPDATING,
+    CacheDB,
+    CacheSpec,
+    ImageCache,
+    ResolvedImage,
+    Settings,
+    VolumeInfo,
+    new_cache_id,
+    now_utc,
+    parse_time,
+    rfc3339,
+    validate_name,
+)
+from builder.oci import Descriptor, Index, Platform
+from builder.pull import DEFAULT_CONCURRENCY, PulledImage, PullEvent, Puller
+from builder.reference import parse as parse_reference
+from builder.registry.auth import Keychain, SecretStore
+from builder.registry.hosts import HostPolicy
+from builder.store import Store
+from builder.volume import PackProgress, Volume
+
+UNSET = object()
+
+
+class BuildLease:
+    """The exclusive right to build one cache: an flock the builder holds until done.
+
+    It can be handed to a child process (``fileno`` in ``pass_fds``); the lock lives as
+    long as any holder keeps the descriptor open, and dies with the last of them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise CacheStateError("a build of this image cache is still running") from None
+
+    @classmethod
+    def adopt(cls, fd: int) -> BuildLease:
+        """Take over a lease inherited as an open descriptor (the builder process)."""
+        lease = cls.__new__(cls)
+        lease._fd = fd
+        return lease
+
+    def fileno(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class VolumeSource:
+    """Another cache's volume as a place to copy blobs from (the reuse option)."""
+
+    def __init__(self, cache: str, vol: Volume) -> None:
+        self.name = f"cache:{cache}"
+        self.volume = vol
+
+    def open_blob(self, digest: Digest) -> BinaryIO | None:
+        return self.volume.open_blob(digest) if self.volume.has(digest) else None
+
+
+@dataclass
+class CachesGcReport:
+    """What ``Caches.gc`` removed."""
+
+    deleted: list[str] = field(default_factory=list)
+    volumes_removed: int = 0
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    partials_removed: int = 0
+
+
+class _BuildProgress:
+    """Turns pull events into cache progress and events, saving at most ~once a percent."""
+
+    def __init__(self, caches: Caches, name: str, span: tuple[int, int],
+                 forward: Callable[[PullEvent], None] | None) -> None:
+        self.caches, self.name = caches, name
+        self.low, self.high = span
+        self.forward = forward
+        self.total = 0
+        self.done = 0
+        self.saved = -1
+        self.lock = threading.Lock()
+
+    def __call__(self, ev: PullEvent) -> None:
+        if self.forward:
+            self.forward(ev)
+        with self.lock:
+            if ev.kind == "planned":
+                self.total = ev.size
+                return
+            if ev.kind == "resolved":
+                self.caches._record(self.name, lambda c: c.event("ImageResolved", f"{ev.image} resolved to {ev.digest}"))
+                return
+            if ev.kind == "blob-bytes":
+                self.done += ev.bytes
+            elif ev.kind == "blob-done":
+                if ev.reused:
+                    self.done += ev.size
+                    what = "already in the store" if ev.origin == "store" else f"copied from {ev.origin}"
+                    message, reason = f"blob {ev.digest} ({ev.size} bytes) reused: {what}", "LayerReused"
+                else:
+                    message, reason = f"blob {ev.digest} ({ev.size} bytes) fetched from the registry", "LayerFetched"
+                self.caches._record(self.name, lambda c: c.event(reason, message))
+            else:
+                return
+            percent = self.low + (self.high - self.low) * self.done // max(self.total, 1)
+            if percent > self.saved:
+                self.saved = percent
+                self.caches._record(self.name, lambda c: c.set_progress(percent))
+
+
+class Caches:
+    """Every image cache under one imc home."""
+
+    def __init__(self, home: Path, store: Store | None = None, clock: Callable[[], dt.datetime] = now_utc,
+                 platform: Platform | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+        self.home = Path(home)
+        self.store = store or Store(self.home)
+        self.db = CacheDB(self.home / "caches.db")
+        self.volumes = self.home / "volumes"
+        self.volumes.mkdir(parents=True, exist_ok=True)
+        self.secrets = SecretStore(self.home / "secrets")
+        self.clock = clock
+        self.platform = platform
+        self.concurrency = concurrency
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.load(self.home)
+
+    def _lease_path(self, cache_id: str) -> Path:
+        return self.store.locks / f"cache-{cache_id}.lock"
+
+    def _record(self, name: str, change: Callable[[ImageCache], None]) -> ImageCache:
+        return self.db.update(name, change)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get(self, name: str) -> ImageCache:
+        """A cache's record, after noticing a builder that died."""
+        return self._reconcile(self.db.get(name))
+
+    def by_id(self, cache_id: str) -> ImageCache:
+        return self._reconcile(self.db.by_id(cache_id))
+
+    def list(self) -> list[ImageCache]:
+        return [self._reconcile(c) for c in self.db.list()]
+
+    def _reconcile(self, cache: ImageCache) -> ImageCache:
+        if cache.phase not in BUILDING and cache.volume_state != "packing":
+            return cache
+        try:
+            lease = BuildLease(self._lease_path(cache.id))
+        except CacheStateError:
+            return cache  # its builder is alive
+        try:
+            return self._fail(cache.name, "the build process ended before finishing (killed or crashed)")
+        except NotFoundLocalError:
+            return cache
+        finally:
+            lease.release()
+
+    # -- create, update, delete ------------------------------------------------------------
+
+    def create(self, name: str, spec: CacheSpec, *, auto: bool = False, instance_id: str | None = None,
+               no_effect: tuple[str, ...] | list[str] = ()) -> tuple[ImageCache, BuildLease]:
+        """Validate and record a new cache in phase Creating; the caller then builds it
+        with the returned lease (in this process, a thread, or a child process)."""
+        validate_name(name)
+        spec = spec.validated()
+        for secret in spec.image_pull_secrets:
+            self.secrets.load(secret)  # missing or unsafe secrets fail now, not mid-build
+        now = self.clock()
+        cache = ImageCache(name=name, id=new_cache_id(), spec=spec, created=rfc3339(now),  # type: ignore[arg-type]
+                           start_time=rfc3339(now), auto=auto, instance_id=instance_id)
+        kind = "automatic image cache" if auto else "image cache"
+        cache.event("Creating", f"{kind} {name} created: {len(spec.images)} images, {spec.size_gib} GiB"
+                    f"{', reuse' if spec.reuse else ''}{', flash' if spec.flash else ''}", when=now)
+        for key in no_effect:
+            cache.event("AnnotationIgnored", f"{key} has no effect on a local image cache", "Warning", when=now)
+        cache.expire = cache.retention_expiry()
+        settings = self.settings
+        lease = BuildLease(self._lease_path(cache.id))
+        try:
+            self.db.insert(cache, settings.max_auto_caches if auto else settings.max_manual_caches)
+        except BaseException:
+            lease.release()
+            raise
+        return cache, lease
+
+    def update(self, name: str, images: list[str] | None = None, retention_days: object = UNSET,
+               plain_http: list[str] | None = None, insecure: list[str] | None = None,
+               pull_secrets: list[str] | None = None) -> tuple[ImageCache, BuildLease | None]:
+        """Change a Ready (or UpdateFailed) cache. A change of images needs a rebuild:
+        the cache goes Updating and the caller builds it with the returned lease, while
+        the previous volume keeps serving."""
+        current = self.get(name)
+        if current.phase not in (READY, UPDATE_FAILED):
+            raise CacheStateError(f"image cache {name} is {current.phase}: updates are allowed only in "
+                                  f"{READY} or {UPDATE_FAILED}")
+        spec = replace(
+            current.spec,
+            images=images if images is not None else current.spec.images,
+            retention_days=current.spec.retention_days if retention_days is UNSET else retention_days,
+            plain_http=plain_http if plain_http is not None else current.spec.plain_http,
+            insecure=insecure if insecure is not None else current.spec.insecure,
+            image_pull_secrets=pull_secrets if pull_secrets is not None else current.spec.image_pull_secrets,
+        ).validated()
+        for secret in spec.image_pull_secrets:
+            self.secrets.load(secret)
+        rebuild = spec.images != current.spec.images or current.phase == UPDATE_FAILED
+        lease = BuildLease(self._lease_path(current.id)) if rebuild else None
+
+        def apply(cache: ImageCache) -> None:
+            if cache.phase not in (READY, UPDATE_FAILED):
+                raise CacheStateError(f"image cache {name} is {cache.phase}: updates are allowed only in "
+                                      f"{READY} or {UPDATE_FAILED}")
+            cache.spec = spec
+            cache.expire = cache.retention_expiry()
+            if rebuild:
+                cache.enter(UPDATING)
+                cache.message = ""
+                cache.event("Updating", f"rebuilding with {len(spec.images)} images")
+            else:
+                cache.event("Updated", "settings changed; no rebuild needed")
+
+        try:
+            return self._record(name, apply), lease
+        except BaseException:
+            if lease:
+                lease.release()
+            raise
+
+    def delete(self, name: str) -> ImageCache:
+        """Delete a cache in any phase; its volume goes now, its blobs at the next gc."""
+        cache = self.db.delete(name)
+        for path in self.volumes.glob(f"{cache.id}-*.imcv"):
+            path.unlink(missing_ok=True)
+        return cache
+
+    def mark_used(self, name: str) -> ImageCache:
+        """Record a hit (automatic caches expire when unused)."""
+        now = rfc3339(self.clock())
+        return self.db.update(name, lambda c: setattr(c, "last_used", now))
+
+    # -- building --------------------------------------------------------------------------
+
+    def build(self, name: str, lease: BuildLease, on_pull: Callable[[PullEvent], None] | None = None) -> ImageCache:
+        """Run the build of a cache in Creating or Updating, then release the lease.
+
+        Never raises for a build failure: the failure is the cache's new phase, with an
+        event saying why. Returns the final record.
+        """
+        try:
+            self._build(name, on_pull)
+        except NotFoundLocalError:
+            pass  # deleted while building: nothing left to report to
+        except (ImcError, OSError) as e:
+            self._fail(name, getattr(e, "message", None) or f"{type(e).__name__}: {e}")
+        except BaseException:
+            self._fail(name, "the build was interrupted")
+            raise
+        finally:
+            lease.release()
+        return self.db.get(name)
+
+    def _build(self, name: str, on_pull: Callable[[PullEvent], None] | None) -> None:
+        cache = self.db.get(name)
+        if cache.phase not in BUILDING:
+            raise CacheStateError(f"image cache {name} is {cache.phase}: nothing to build")
+        spec = cache.spec
+        keychain = Keychain([self.secrets.load(s) for s in spec.image_pull_secrets])
+        policy = HostPolicy(frozenset(spec.plain_http), frozenset(spec.insecure))
+        sources = self._reuse_sources(name) if spec.reuse else []
+        span = (5, 90) if spec.flash else (5, 80)
+        puller = Puller(self.store, policy, keychain, self.platform, self.concurrency,
+                        on_event=_BuildProgress(self, name, span, on_pull), sources=sources)
+        self._record(name, lambda c: c.event("Pulling", f"pulling {len(spec.images)} images"))
+        with self.store.pinning():
+            result = puller.pull([parse_reference(i) for i in spec.images], record=False)
+            resolved = [self._resolved(img) for img in result.images]
+
+            def staged(c: ImageCache) -> None:
+                c.pinned = _union(c.pinned, resolved)
+                c.bytes_fetched = result.bytes_fetched
+                c.bytes_reused = result.bytes_reused
+                c.event("ImagesPulled", f"{len(resolved)} images local and verified: fetched "
+                        f"{result.bytes_fetched} bytes in {result.blobs_fetched} blobs, reused "
+                        f"{result.bytes_reused} bytes in {result.blobs_reused} blobs")
+
+            self._record(name, staged)
+        capacity = spec.size_gib * GIB
+        blobs = self._blobs(resolved)
+        # Count up to twice the size: enough to say how much is needed, while a
+        # decompression bomb costs at most that much work.
+        limit = 2 * capacity
+        unpacked = self._unpacked_size(blobs, limit)
+        if unpacked > limit:
+            raise CapacityError(f"the images need more than {limit // GIB} GiB unpacked, more than twice the "
+                                f"cache's imageCacheSize of {spec.size_gib} GiB")
+        if unpacked > capacity:
+            raise CapacityError(f"the images need {unpacked / GIB:.2f} GiB unpacked, more than the cache's "
+                                f"imageCacheSize of {spec.size_gib} GiB; use a size of at least "
+                                f"{-(-unpacked // GIB)} GiB")
+
+        def checked(c: ImageCache) -> None:
+            c.unpacked_bytes = unpacked
+            c.set_progress(span[1])
+            c.event("CapacityChecked", f"{unpacked} bytes unpacked fit {spec.size_gib} GiB")
+            if spec.flash:
+                c.images = resolved
+                c.enter(READY)
+                c.volume_state = "packing"
+                c.event("FlashReady", "usable now from local staging; packing the volume in the background")
+
+        cache = self._record(name, checked)
+        generation = cache.generation + 1
+        path = self.volumes / f"{cache.id}-{generation}.imcv"
+        meta = {"cache": name, "id": cache.id, "generation": generation,
+                "images": [{"name": i.name, "digest": i.digest, "mediaType": i.media_type, "index": i.index,
+                            "indexMediaType": i.index_media_type, "platform": i.platform} for i in resolved]}
+        if not spec.flash:
+            self._record(name, lambda c: setattr(c, "volume_state", "packing" if c.volume is None else c.volume_state))
+        vol = volumes.pack(self.store, blobs, path, capacity, meta, on_progress=self._pack_progress(name, span[1]))
+        try:
+            self._record(name, lambda c: self._switch_to_volume(c, vol, resolved, generation))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        for old in self.volumes.glob(f"{cache.id}-*.imcv"):
+            if old != path:
+                old.unlink(missing_ok=True)  # the previous generation, now replaced
+
+    def _switch_to_volume(self, c: ImageCache, vol: Volume, resolved: list[ResolvedImage], generation: int) -> None:
+        flash_release = c.phase == READY and c.volume_state == "packing"
+        c.volume = VolumeInfo(str(vol.path), vol.content_bytes, vol.blob_bytes, vol.capacity, generation)
+        c.volume_state = "ready"
+        c.generation = generation
+        c.images = resolved
+        c.pinned = []
+        c.message = ""
+        c.event("VolumePacked", f"volume {vol.path.name}: {vol.blob_bytes} bytes of blobs in "
+                f"{vol.content_bytes} bytes on disk")
+        if flash_release:
+            c.event("StagingReleased", "serving from the packed volume; the staging copy is released")
+        if c.phase != READY:
+            c.enter(READY)
+            c.event("Ready", "every blob of every image is in the volume and verified")
+
+    def _pack_progress(self, name: str, low: int) -> Callable[[PackProgress], None]:
+        saved = [-1]
+
+        def report(p: PackProgress) -> None:
+            percent = low + (99 - low) * p.bytes_done // max(p.bytes_total, 1)
+            if percent > saved[0]:
+                saved[0] = percent
+                self._record(name, lambda c: c.set_progress(percent) if c.phase != READY else None)
+
+        return report
+
+    def _fail(self, name: str, reason: str) -> ImageCache:
+        """Record a failed build in the phase it deserves, keeping what still serves."""
+        now = self.clock()
+
+        def failed(c: ImageCache) -> None:
+            c.message = reason
+            if c.phase == CREATING:
+                c.enter(FAILED, now)
+                c.pinned = []
+                c.expire = rfc3339(now + FAILED_RETENTION)
+                c.event("Failed", reason, "Warning", when=now)
+            elif c.phase == UPDATING:
+                c.enter(UPDATE_FAILED, now)
+                c.pinned = [i for i in c.pinned if i in c.images] if c.source == "staging" else []
+                c.event("UpdateFailed", f"{reason}; the previous content still serves", "Warning", when=now)
+            elif c.volume_state == "packing":
+                c.volume_state = "failed"
+                c.event("VolumePackFailed", f"{reason}; still serving from local staging", "Warning", when=now)
+
+        return self.db.update(name, failed)
+
+    def _resolved(self, img: PulledImage) -> ResolvedImage:
+        index_media_type = index_size = None
+        if img.index_digest:
+            raw = self.store.read_blob(img.index_digest)
+            index_size = len(raw)
+            node = self.store.manifest(img.index_digest)
+            index_media_type = node.media_type if isinstance(node, Index) else None
+        return ResolvedImage(img.name, str(img.descriptor.digest), img.descriptor.media_type, img.descriptor.size,
+                             str(img.index_digest) if img.index_digest else None, index_media_type, index_size,
+                             str(img.platform) if img.platform else None)
+
+    def _blobs(self, images: list[ResolvedImage]) -> list[Descriptor]:
+        """Every blob the volume must hold: indexes, manifests, configs, layers."""
+        out: dict[Digest, Descriptor] = {}
+        for i in images:
+            if i.index:
+                d = Digest.parse(i.index)
+                out.setdefault(d, Descriptor(i.index_media_type or "", d, i.index_size or 0))
+            d = Digest.parse(i.digest)
+            out.setdefault(d, Descriptor(i.media_type, d, i.size))
+            node = self.store.manifest(d)
+            for blob in node.blobs():  # type: ignore[union-attr]
+                out.setdefault(blob.digest, blob)
+        return list(out.values())
+
+    def _unpacked_size(self, blobs: list[Descriptor], limit: int) -> int:
+        """The blobs' unpacked size, or any number above ``limit`` once it is exceeded."""
+        total = 0
+        for blob in blobs:
+            total += volumes.unpacked_size(self.store, blob, limit=limit - total)
+            if total > limit:
+                break
+        return total
+
+    def _reuse_sources(self, exclude: str) -> list[VolumeSource]:
+        out = []
+        for cache in self.db.list():
+            if cache.name != exclude and cache.volume and cache.volume_state == "ready":
+                try:
+                    out.append(VolumeSource(cache.name, Volume.open(Path(cache.volume.path))))
+                except ImcError:
+                    continue
+        return out
+
+    # -- expiry and reclaiming --------------------------------------------------------------
+
+    def gc(self) -> CachesGcReport:
+        """Delete expired caches (retention over, failed 24 h ago, automatic and unused
+        too long), then reclaim every blob and volume file that nothing needs."""
+        report = CachesGcReport()
+        now = self.clock()
+        unused = dt.timedelta(days=self.settings.auto_unused_days)
+        for cache in self.list():
+            expire = parse_time(cache.expire)
+            last = parse_time(cache.last_used or cache.created)
+            if (expire and expire <= now) or (cache.auto and last and last + unused <= now):
+                try:
+                    self.delete(cache.name)
+                    report.deleted.append(cache.name)
+                except NotFoundLocalError:
+                    pass
+        store_report = self.store.gc(pinned=self._pinned)
+        report.blobs_removed = store_report.blobs_removed
+        report.bytes_freed = store_report.bytes_freed
+        report.partials_removed = store_report.partials_removed
+        report.volumes_removed = self._remove_orphan_volumes()
+        return report
+
+    def _pinned(self) -> set[Digest]:
+        out: set[Digest] = set()
+        for cache in self.db.list():
+            for image in cache.pinned:
+                out.add(Digest.parse(image.digest))
+                if image.index:
+                    out.add(Digest.parse(image.index))
+        return out
+
+    def _remove_orphan_volumes(self) -> int:
+        """Volume files no record points at, whose builder is not running."""
+        records = {c.id: c for c in self.db.list()}
+        removed = 0
+        for path in list(self.volumes.glob("*.imcv")) + list(self.volumes.glob("*.partial")):
+            cache_id = path.name.rsplit("-", 1)[0]
+            cache = records.get(cache_id)
+            if cache and cache.volume and Path(cache.volume.path) == path:
+                continue
+            try:
+                lease = BuildLease(self._lease_path(cache_id))
+            except CacheStateError:
+                continue  # being built right now
+            try:
+                path.unlink(missing_ok=True)
+                removed += 1
+            finally:
+                lease.release()
+        for lock in self.store.locks.glob("cache-*.lock"):
+            if lock.stem[len("cache-"):] not in records:
+                lock.unlink(missing_ok=True)
+        return removed
+
+
+def _union(a: list[ResolvedImage], b: list[ResolvedImage]) -> list[ResolvedImage]:
+    seen = {i.digest for i in a}
+    return a + [i for i in b if i.digest not in seen]

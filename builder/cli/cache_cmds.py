@@ -1,0 +1,366 @@
+"""Commands over image caches: cache, apply, volume and config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from builder.caches import UNSET, BuildLease, Caches
+from builder.cli.common import Context, PullProgress, emit_json, human, output_option, pass_ctx
+from builder.errors import ImcError, ValidationError
+from builder.imagecache import (
+    FAILED,
+    SIZE_DEFAULT,
+    UPDATE_FAILED,
+    CacheSpec,
+    ImageCache,
+    Settings,
+    now_utc,
+    parse_time,
+    spec_from_object,
+)
+from builder.volume import Volume, export_oci_archive
+
+MAX_DOCUMENT_BYTES = 1 << 20
+
+
+class CacheFailed(ImcError):
+    """A build that ended Failed or UpdateFailed, reported by ``--wait``."""
+
+    exit_code = 12
+
+
+def emit_yaml(data: Any) -> None:
+    click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), nl=False)
+
+
+def age(created: str | None) -> str:
+    """Kubernetes-style age: 42s, 5m, 3h, 12d."""
+    start = parse_time(created)
+    if start is None:
+        return "-"
+    seconds = int((now_utc() - start).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, quiet: bool) -> ImageCache:
+    """Build now (``--wait``: here, with progress) or in a detached builder process."""
+    if wait:
+        final = ctx.caches.build(cache.name, lease, on_pull=None if quiet else PullProgress())
+        if final.phase in (FAILED, UPDATE_FAILED):
+            raise CacheFailed(f"image cache {final.name} is {final.phase}: {final.message}")
+        return final
+    logs = ctx.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"build-{cache.name}.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "builder", "--home", str(ctx.home), "cache", "build", cache.name,
+             "--lease-fd", str(lease.fileno())],
+            pass_fds=(lease.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    lease.release()  # the builder holds it now
+    return cache
+
+
+def show(cache: ImageCache, output: str) -> None:
+    if output == "json":
+        emit_json(cache.to_object())
+    elif output == "yaml":
+        emit_yaml(cache.to_object())
+    else:
+        print_table([cache])
+
+
+def print_table(caches: list[ImageCache]) -> None:
+    rows = [(c.name, age(c.created), c.id, c.phase, f"{c.progress}%") for c in caches]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS"))]
+    for row in [("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS"), *rows]:
+        click.echo("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def wait_options(f: Callable) -> Callable:
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress display with --wait.")(f)
+    f = click.option("--wait/--no-wait", default=False,
+                     help="Build in the foreground and return when Ready or Failed (default: in the background).")(f)
+    return f
+
+
+@click.group()
+def cache() -> None:
+    """Image caches: create, list, get, update, delete, events."""
+
+
+@cache.command("create")
+@click.argument("name")
+@click.option("--image", "images", multiple=True, required=True, metavar="REF", help="Image to cache (1 to 20).")
+@click.option("--size", "size_gib", type=int, default=SIZE_DEFAULT, show_default=True, help="Size in GiB (20-32768).")
+@click.option("--retention-days", type=int, help="Delete the cache this many days after creation (1-65536).")
+@click.option("--reuse", is_flag=True, help="Copy layers other caches hold instead of downloading them.")
+@click.option("--flash", is_flag=True, help="Usable from local staging as soon as the layers are local.")
+@click.option("--plain-http", multiple=True, metavar="LIST", help="Endpoints to reach over plain HTTP.")
+@click.option("--insecure", multiple=True, metavar="LIST", help="Endpoints to reach over HTTPS without verification.")
+@click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME", help="Stored pull secret to use.")
+@wait_options
+@output_option("json", "yaml")
+@pass_ctx
+def cache_create(ctx: Context, name: str, images: tuple[str, ...], size_gib: int, retention_days: int | None,
+                 reuse: bool, flash: bool, plain_http: tuple[str, ...], insecure: tuple[str, ...],
+                 pull_secrets: tuple[str, ...], wait: bool, quiet: bool, output: str) -> None:
+    """Create an image cache and build it: pull, check capacity, pack the volume."""
+    spec = CacheSpec(list(images), list(pull_secrets), size_gib, retention_days, reuse, flash,
+                     list(plain_http), list(insecure))
+    created, lease = ctx.caches.create(name, spec)
+    result = run_build(ctx, created, lease, wait, quiet or output != "table")
+    if output == "table" and not wait:
+        click.echo(f"imagecache {name} created ({created.id}); building in the background: imc cache get {name}")
+        return
+    show(result, output)
+
+
+@cache.command("build", hidden=True)
+@click.argument("name")
+@click.option("--lease-fd", type=int, required=True)
+@pass_ctx
+def cache_build(ctx: Context, name: str, lease_fd: int) -> None:
+    """(internal) The detached builder process started by create, update and apply."""
+    ctx.caches.build(name, BuildLease.adopt(lease_fd))
+
+
+@cache.command("list")
+@output_option("json", "yaml")
+@pass_ctx
+def cache_list(ctx: Context, output: str) -> None:
+    """Every cache: NAME AGE CACHEID PHASE PROGRESS."""
+    caches = ctx.caches.list()
+    if output in ("json", "yaml"):
+        doc = {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCacheList",
+               "items": [c.to_object() for c in caches]}
+        emit_json(doc) if output == "json" else emit_yaml(doc)
+        return
+    if caches:
+        print_table(caches)
+    else:
+        click.echo("No image caches.")
+
+
+@cache.command("get")
+@click.argument("name")
+@output_option("json", "yaml")
+@pass_ctx
+def cache_get(ctx: Context, name: str, output: str) -> None:
+    """One cache; -o yaml prints the ImageCache object with its status."""
+    show(ctx.caches.get(name), output)
+
+
+@cache.command("events")
+@click.argument("name")
+@output_option("json")
+@pass_ctx
+def cache_events(ctx: Context, name: str, output: str) -> None:
+    """A cache's events, oldest first."""
+    found = ctx.caches.get(name)
+    if output == "json":
+        emit_json(found.to_object()["status"]["events"])
+        return
+    for e in found.events:
+        click.echo(f"{e.time}  {e.type:<7}  {e.reason:<18}  {e.message}")
+
+
+@cache.command("update")
+@click.argument("name")
+@click.option("--image", "images", multiple=True, metavar="REF", help="The new image list (replaces the old).")
+@click.option("--retention-days", type=int, help="New retention period in days.")
+@click.option("--no-retention", is_flag=True, help="Never expire.")
+@click.option("--plain-http", multiple=True, metavar="LIST")
+@click.option("--insecure", multiple=True, metavar="LIST")
+@click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME")
+@wait_options
+@output_option("json", "yaml")
+@pass_ctx
+def cache_update(ctx: Context, name: str, images: tuple[str, ...], retention_days: int | None, no_retention: bool,
+                 plain_http: tuple[str, ...], insecure: tuple[str, ...], pull_secrets: tuple[str, ...], wait: bool,
+                 quiet: bool, output: str) -> None:
+    """Change images, retention or registry lists of a Ready or UpdateFailed cache."""
+    retention: object = None if no_retention else (retention_days if retention_days is not None else UNSET)
+    updated, lease = ctx.caches.update(name, list(images) or None, retention, list(plain_http) or None,
+                                       list(insecure) or None, list(pull_secrets) or None)
+    if lease is not None:
+        updated = run_build(ctx, updated, lease, wait, quiet or output != "table")
+    if output == "table" and lease is not None and not wait:
+        click.echo(f"imagecache {name} updating in the background: imc cache get {name}")
+        return
+    show(updated, output)
+
+
+@cache.command("delete")
+@click.argument("names", nargs=-1, required=True)
+@pass_ctx
+def cache_delete(ctx: Context, names: tuple[str, ...]) -> None:
+    """Delete caches in any phase; blobs nothing else needs go at the next gc."""
+    for name in names:
+        ctx.caches.delete(name)
+        click.echo(f"imagecache {name} deleted")
+
+
+def load_documents(path: str) -> list[Any]:
+    """The YAML (or JSON) documents of a file, or '-' for standard input."""
+    if path == "-":
+        text = sys.stdin.read(MAX_DOCUMENT_BYTES + 1)
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(MAX_DOCUMENT_BYTES + 1)
+        except OSError as e:
+            raise ValidationError(f"cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValidationError(f"{path} is not UTF-8 text") from None
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise ValidationError(f"{path} is larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ValidationError(f"{path} is not valid YAML{where}") from None
+
+
+@click.command()
+@click.option("-f", "--filename", required=True, help="YAML or JSON file with ImageCache objects ('-' for stdin).")
+@wait_options
+@pass_ctx
+def apply(ctx: Context, filename: str, wait: bool, quiet: bool) -> None:
+    """Create or update the ImageCache objects in a file (several documents allowed).
+
+    Every document is validated before any is applied, so a bad file changes nothing.
+    """
+    documents = load_documents(filename)
+    if not documents:
+        raise ValidationError(f"{filename} holds no documents")
+    parsed = []
+    for i, doc in enumerate(documents, 1):
+        try:
+            parsed.append(spec_from_object(doc))
+        except ValidationError as e:
+            raise ValidationError(f"document {i}: {e.message}") from None
+    caches = ctx.caches
+    for name, spec, no_effect in parsed:
+        existing = {c.name for c in caches.list()}
+        if name in existing:
+            updated, lease = caches.update(name, spec.images, spec.retention_days, spec.plain_http, spec.insecure,
+                                           spec.image_pull_secrets)
+            if lease is not None:
+                run_build(ctx, updated, lease, wait, quiet)
+            click.echo(f"imagecache {name} {'configured' if lease else 'unchanged (settings updated)'}")
+        else:
+            created, lease = caches.create(name, spec, no_effect=no_effect)
+            run_build(ctx, created, lease, wait, quiet)
+            click.echo(f"imagecache {name} created ({created.id})")
+
+
+@click.group()
+def volume() -> None:
+    """A cache's snapshot volume: inspect, verify, export."""
+
+
+def open_volume(caches: Caches, name: str) -> Volume:
+    found = caches.get(name)
+    if found.volume is None or found.volume_state != "ready":
+        raise ValidationError(f"image cache {name} has no packed volume yet (phase {found.phase}, "
+                              f"volume {found.volume_state})")
+    return Volume.open(Path(found.volume.path))
+
+
+@volume.command("inspect")
+@click.argument("name")
+@output_option("json")
+@pass_ctx
+def volume_inspect(ctx: Context, name: str, output: str) -> None:
+    """The volume's header and index: capacity, blobs, encodings, sizes."""
+    vol = open_volume(ctx.caches, name)
+    blobs = [{"digest": str(e.digest), "size": e.size, "mediaType": e.media_type, "encoding": e.encoding,
+              "storedBytes": e.length} for e in vol.entries.values()]
+    info = {"path": str(vol.path), "created": vol.created, "capacityBytes": vol.capacity,
+            "contentBytes": vol.content_bytes, "blobBytes": vol.blob_bytes, "images": vol.meta.get("images", []),
+            "blobs": blobs}
+    if output == "json":
+        emit_json(info)
+        return
+    click.echo(f"path:      {vol.path}\ncreated:   {vol.created}\ncapacity:  {human(vol.capacity)}\n"
+               f"on disk:   {human(vol.content_bytes)} for {human(vol.blob_bytes)} of blobs")
+    for image in vol.meta.get("images", []):
+        click.echo(f"image:     {image['name']}  {image['digest']}")
+    click.echo(f"{'DIGEST':<19} {'SIZE':>10} {'STORED':>10}  {'ENCODING':<8} MEDIA TYPE")
+    for b in sorted(blobs, key=lambda b: -b["size"]):
+        click.echo(f"{b['digest'][:19]} {human(b['size']):>10} {human(b['storedBytes']):>10}  "
+                   f"{b['encoding']:<8} {b['mediaType']}")
+
+
+@volume.command("verify")
+@click.argument("name")
+@output_option("json")
+@pass_ctx
+def volume_verify(ctx: Context, name: str, output: str) -> None:
+    """Rehash every blob in the volume. Exits 4 if any is corrupt."""
+    report = open_volume(ctx.caches, name).verify()
+    if output == "json":
+        emit_json({"checked": report.checked, "bytes": report.bytes, "corrupt": report.corrupt,
+                   "ok": not report.corrupt})
+    else:
+        click.echo(f"checked {report.checked} blobs, {human(report.bytes)}")
+        for d in report.corrupt:
+            click.echo(f"corrupt {d}")
+    if report.corrupt:
+        sys.exit(4)
+
+
+@volume.command("export")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["oci-archive"]), default="oci-archive", show_default=True)
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The archive to write.")
+@pass_ctx
+def volume_export(ctx: Context, name: str, fmt: str, out: Path) -> None:
+    """Write the cache's images as an OCI archive (for podman load, skopeo copy oci-archive:)."""
+    vol = open_volume(ctx.caches, name)
+    export_oci_archive(vol, out)
+    click.echo(f"wrote {out} ({human(out.stat().st_size)}): " +
+               ", ".join(i["name"] for i in vol.meta.get("images", [])))
+
+
+@click.group()
+def config() -> None:
+    """imc's settings: quotas and automatic-cache expiry."""
+
+
+@config.command("get")
+@output_option("json")
+@pass_ctx
+def config_get(ctx: Context, output: str) -> None:
+    settings = Settings.load(ctx.home)
+    values = {k: getattr(settings, k) for k in Settings.keys()}
+    values["max_auto_caches"] = settings.max_auto_caches
+    if output == "json":
+        emit_json(values)
+    else:
+        for k, v in values.items():
+            click.echo(f"{k} = {v}")
+
+
+@config.command("set")
+@click.argument("key", type=click.Choice(Settings.keys()))
+@click.argument("value", type=click.IntRange(min=0))
+@pass_ctx
+def config_set(ctx: Context, key: str, value: int) -> None:
+    settings = Settings.load(ctx.home)
+    setattr(settings, key, value)
+    settings.save(ctx.home)
+    click.echo(f"{key} = {value}")
+

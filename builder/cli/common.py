@@ -1,0 +1,149 @@
+"""What the imc commands share: the context, output helpers, progress rendering."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder.caches import Caches
+from builder.digest import Digest
+from builder.pull import PullEvent, PullResult
+from builder.registry.auth import Keychain, SecretStore
+from builder.store import Store
+
+EXIT_USAGE = 2
+
+
+def human(n: float) -> str:
+    """Bytes as people read them (decimal units, like registries and skopeo)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def output_option(*choices: str) -> Callable:
+    return click.option("-o", "--output", type=click.Choice(["table", *choices]), default="table",
+                        show_default=True, help="Output format.")
+
+
+class Context:
+    """What every command needs: imc's home and the store in it."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.home)
+        return self._store
+
+    @property
+    def secrets(self) -> SecretStore:
+        return SecretStore(self.home / "secrets")
+
+    @property
+    def caches(self) -> Caches:
+        return Caches(self.home, self.store)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+class PullProgress:
+    """Renders pull events on stderr: a line per blob, and a live total on a terminal."""
+
+    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.lock = threading.Lock()
+        self.total = 0
+        self.done = 0
+        self.bytes = 0
+        self.started = time.monotonic()
+        self.last_draw = 0.0
+        self.seen: set[Digest] = set()
+
+    def __call__(self, event: PullEvent) -> None:
+        with self.lock:
+            if event.kind == "resolved":
+                self._line(f"{event.image}: resolved {event.digest}")
+            elif event.kind == "blob-start":
+                self.bytes += event.bytes
+                if event.bytes:
+                    self._line(f"  resume {event.digest.short} at {human(event.bytes)}")  # type: ignore[union-attr]
+            elif event.kind == "blob-bytes":
+                self.bytes += event.bytes
+                self._status()
+            elif event.kind == "blob-done" and event.digest not in self.seen:
+                self.seen.add(event.digest)  # type: ignore[arg-type]
+                verb = "reused " if event.reused else "fetched"
+                self._line(f"  {verb} {event.digest.short}  {human(event.size):>10}  {event.media_type}")  # type: ignore[union-attr]
+            elif event.kind == "image-done":
+                self._line(f"{event.image}: complete")
+
+    def _line(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _status(self) -> None:
+        now = time.monotonic()
+        if not self.tty or now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        rate = self.bytes / max(now - self.started, 1e-6)
+        self.stream.write(f"\r\x1b[K  {human(self.bytes)} fetched, {human(rate)}/s")
+        self.stream.flush()
+
+
+def registry_options(f: Callable) -> Callable:
+    """The flags every command that talks to registries shares."""
+    f = click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME",
+                     help="Use a stored pull secret (repeatable).")(f)
+    f = click.option("--ca-file", type=click.Path(dir_okay=False), help="Extra CA bundle to trust.")(f)
+    f = click.option("--insecure", "insecure", multiple=True, metavar="LIST",
+                     help="Endpoints (host or host:port, comma-separated) to reach over HTTPS without "
+                          "certificate verification.")(f)
+    f = click.option("--plain-http", "plain_http", multiple=True, metavar="LIST",
+                     help="Endpoints (host or host:port, comma-separated) to reach over plain HTTP.")(f)
+    return f
+
+
+def make_keychain(ctx: Context, pull_secrets: tuple[str, ...]) -> Keychain:
+    return Keychain([ctx.secrets.load(name) for name in pull_secrets])
+
+
+def pull_result_json(result: PullResult) -> dict:
+    return {
+        "images": [
+            {"reference": str(img.reference), "name": img.name, "digest": str(img.descriptor.digest),
+             "mediaType": img.descriptor.media_type,
+             "index": str(img.index_digest) if img.index_digest else None,
+             "platform": str(img.platform) if img.platform else None,
+             "bytesFetched": img.bytes_fetched, "bytesReused": img.bytes_reused,
+             "blobs": [{"digest": str(b.descriptor.digest), "size": b.descriptor.size,
+                        "mediaType": b.descriptor.media_type, "fetched": b.fetched} for b in img.blobs]}
+            for img in result.images
+        ],
+        "bytesFetched": result.bytes_fetched,
+        "bytesReused": result.bytes_reused,
+        "blobsFetched": result.blobs_fetched,
+        "blobsReused": result.blobs_reused,
+    }
+

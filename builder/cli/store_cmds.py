@@ -1,0 +1,206 @@
+"""Commands over the store: pull, layers, gc, and pull secrets."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from builder.cli.common import (
+    Context,
+    PullProgress,
+    emit_json,
+    human,
+    make_keychain,
+    output_option,
+    pass_ctx,
+    pull_result_json,
+    registry_options,
+)
+from builder.digest import Digest
+from builder.errors import NotFoundLocalError, ValidationError
+from builder.oci import Platform, layer_compression
+from builder.pull import DEFAULT_CONCURRENCY, Puller
+from builder.reference import parse as parse_reference
+from builder.registry.hosts import HostPolicy, parse_endpoint_list
+from builder.store import Store, layer_usage
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--platform", help="os/arch[/variant] to choose from multi-arch images (default: this host's).")
+@click.option("-j", "--concurrency", type=click.IntRange(1, 64), default=DEFAULT_CONCURRENCY, show_default=True,
+              help="Blobs downloaded in parallel.")
+@registry_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@output_option("json")
+@pass_ctx
+def pull(ctx: Context, refs: tuple[str, ...], platform: str | None, concurrency: int, plain_http: tuple[str, ...],
+         insecure: tuple[str, ...], ca_file: str | None, pull_secrets: tuple[str, ...], quiet: bool,
+         output: str) -> None:
+    """Pull images into the store, fetching only the blobs it does not hold."""
+    references = [parse_reference(r) for r in refs]
+    policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
+    puller = Puller(ctx.store, policy, make_keychain(ctx, pull_secrets),
+                    Platform.parse(platform) if platform else None, concurrency,
+                    on_event=None if quiet or output == "json" else PullProgress())
+    started = time.monotonic()
+    result = puller.pull(references)
+    elapsed = time.monotonic() - started
+    if output == "json":
+        emit_json({**pull_result_json(result), "seconds": round(elapsed, 3)})
+        return
+    for img in result.images:
+        click.echo(f"{img.name}  {img.descriptor.digest}")
+    click.echo(f"fetched {human(result.bytes_fetched)} in {result.blobs_fetched} blobs, reused "
+               f"{human(result.bytes_reused)} in {result.blobs_reused} blobs, {elapsed:.1f}s")
+
+
+# -- layers ------------------------------------------------------------------------------
+
+
+@click.group()
+def layers() -> None:
+    """Inspect and verify the layers in the store."""
+
+
+def resolve_digest(store: Store, text: str) -> Digest:
+    """A full digest, or a unique prefix of a stored blob's hex (as listings show)."""
+    if ":" in text:
+        return Digest.parse(text)
+    prefix = text.lower()
+    if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+        raise ValidationError(f"invalid digest {text!r}: want sha256:<hex> or a hex prefix")
+    matches = [d for d, _ in store.all_blobs() if d.hex.startswith(prefix)]
+    if not matches:
+        raise NotFoundLocalError(f"no blob in the store starts with {text}")
+    if len(matches) > 1:
+        raise ValidationError(f"{text} is ambiguous: {len(matches)} blobs start with it")
+    return matches[0]
+
+
+@layers.command("list")
+@output_option("json")
+@pass_ctx
+def layers_list(ctx: Context, output: str) -> None:
+    """Every stored layer: digest, size, media type, and the images that use it."""
+    usage = layer_usage(ctx.store)
+    rows = sorted(usage.values(), key=lambda u: (-u.descriptor.size, str(u.descriptor.digest)))
+    if output == "json":
+        emit_json([{"digest": str(u.descriptor.digest), "size": u.descriptor.size,
+                    "mediaType": u.descriptor.media_type, "present": u.present, "images": u.images}
+                   for u in rows])
+        return
+    click.echo(f"{'DIGEST':<19} {'SIZE':>10}  {'MEDIA TYPE':<48} IMAGES")
+    for u in rows:
+        click.echo(f"sha256:{u.descriptor.digest.short} {human(u.descriptor.size):>10}  "
+                   f"{u.descriptor.media_type:<48} {', '.join(u.images)}")
+
+
+@layers.command("inspect")
+@click.argument("digest")
+@output_option("json")
+@pass_ctx
+def layers_inspect(ctx: Context, digest: str, output: str) -> None:
+    """One blob: size, media type, compression, path, and the images that use it."""
+    store = ctx.store
+    d = resolve_digest(store, digest)
+    size = store.size(d)
+    use = layer_usage(store).get(d)
+    media_type = use.descriptor.media_type if use else ""
+    info = {"digest": str(d), "size": size, "mediaType": media_type or None,
+            "compression": layer_compression(media_type) if media_type else None,
+            "path": str(store.blob_path(d)), "images": use.images if use else []}
+    if output == "json":
+        emit_json(info)
+        return
+    for key, value in info.items():
+        shown = ", ".join(value) if isinstance(value, list) else ("-" if value is None else value)
+        click.echo(f"{key + ':':<13} {shown}")
+
+
+@layers.command("verify")
+@output_option("json")
+@pass_ctx
+def layers_verify(ctx: Context, output: str) -> None:
+    """Rehash every stored blob; quarantine corrupt ones. Exits 4 if any was bad."""
+    report = ctx.store.verify()
+    if output == "json":
+        emit_json({"checked": report.checked, "bytes": report.bytes, "corrupt": report.corrupt,
+                   "missing": report.missing, "ok": report.ok})
+    else:
+        click.echo(f"checked {report.checked} blobs, {human(report.bytes)}")
+        for d in report.corrupt:
+            click.echo(f"corrupt {d} (moved to {ctx.store.quarantine})")
+        for d in report.missing:
+            click.echo(f"missing {d}")
+    if not report.ok:
+        sys.exit(4)
+
+
+@click.command()
+@output_option("json")
+@pass_ctx
+def gc(ctx: Context, output: str) -> None:
+    """Delete expired caches, then remove blobs, volumes and partial downloads nothing needs."""
+    report = ctx.caches.gc()
+    if output == "json":
+        emit_json({"cachesDeleted": report.deleted, "blobsRemoved": report.blobs_removed,
+                   "bytesFreed": report.bytes_freed, "partialsRemoved": report.partials_removed,
+                   "volumesRemoved": report.volumes_removed})
+        return
+    for name in report.deleted:
+        click.echo(f"deleted expired image cache {name}")
+    click.echo(f"removed {report.blobs_removed} blobs ({human(report.bytes_freed)}), "
+               f"{report.volumes_removed} volume files and {report.partials_removed} partial downloads")
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+
+@click.group()
+def secret() -> None:
+    """Named registry credentials (pull secrets), stored readable by you only."""
+
+
+@secret.command("create")
+@click.argument("name", metavar="NAMESPACE:NAME")
+@click.option("--registry", required=True, help="The registry endpoint (host or host:port).")
+@click.option("--username", required=True)
+@click.option("--password-stdin", is_flag=True, required=True, help="Read the password from standard input.")
+@pass_ctx
+def secret_create(ctx: Context, name: str, registry: str, username: str, password_stdin: bool) -> None:
+    """Store credentials for a registry under NAMESPACE:NAME."""
+    (endpoint,) = parse_endpoint_list(registry) or {""}
+    if not endpoint:
+        raise ValidationError("--registry is empty")
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ValidationError("no password on standard input")
+    ctx.secrets.create(name, endpoint, username, password)
+    click.echo(f"secret {name} stored for {endpoint}")
+
+
+@secret.command("list")
+@output_option("json")
+@pass_ctx
+def secret_list(ctx: Context, output: str) -> None:
+    """The names of stored secrets (never their contents)."""
+    names = ctx.secrets.list()
+    if output == "json":
+        emit_json(names)
+    else:
+        for n in names:
+            click.echo(n)
+
+
+@secret.command("delete")
+@click.argument("name", metavar="NAMESPACE:NAME")
+@pass_ctx
+def secret_delete(ctx: Context, name: str) -> None:
+    """Delete a stored secret."""
+    if not ctx.secrets.delete(name):
+        raise NotFoundLocalError(f"pull secret {name} does not exist")
+    click.echo(f"secret {name} deleted")
+
+

@@ -1,0 +1,509 @@
+"""The ImageCache resource: its spec and validation, status and events, and records.
+
+A cache's record is the truth about it: what was asked (spec), where it stands
+(phase, progress, events), and what it holds (resolved images, its volume, the
+blobs it pins in the store while staging). Records live in SQLite as JSON text,
+never evicted, and every change is a read-modify-write inside one transaction
+(``CacheDB.update``), so a builder process and a user's command never lose each
+other's writes.
+
+Validation happens before anything is written: a spec that breaks a rule raises
+``ValidationError`` naming the field and its limit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import secrets
+import sqlite3
+import string
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from builder import reference
+from builder.errors import NotFoundLocalError, QuotaError, ValidationError
+from builder.registry.auth import SecretStore
+from builder.registry.hosts import parse_endpoint_list
+from builder.store import write_atomic
+
+API_VERSION = "eci.alibabacloud.com/v1"
+KIND = "ImageCache"
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+MAX_IMAGES = 20
+SIZE_MIN, SIZE_MAX, SIZE_DEFAULT = 20, 32768, 20
+RETENTION_MIN, RETENTION_MAX = 1, 65536
+FAILED_RETENTION = dt.timedelta(hours=24)
+GIB = 1 << 30
+
+CREATING, READY, FAILED, UPDATING, UPDATE_FAILED = "Creating", "Ready", "Failed", "Updating", "UpdateFailed"
+PHASES = (CREATING, READY, FAILED, UPDATING, UPDATE_FAILED)
+BUILDING = (CREATING, UPDATING)
+
+ANNOTATION_PREFIX = "k8s.aliyun.com/"
+A_REUSE = ANNOTATION_PREFIX + "imc-enable-reuse"
+A_FLASH = ANNOTATION_PREFIX + "imc-enable-flash"
+A_RETENTION = ANNOTATION_PREFIX + "imc-retention-days"
+A_SIZE = ANNOTATION_PREFIX + "imc-size"
+A_PLAIN_HTTP = ANNOTATION_PREFIX + "plain-http-registry"
+A_INSECURE = ANNOTATION_PREFIX + "insecure-registry"
+KNOWN_ANNOTATIONS = (A_REUSE, A_FLASH, A_RETENTION, A_SIZE, A_PLAIN_HTTP, A_INSECURE)
+# Cloud placement and networking: meaningful to the hosted service, not to a local cache.
+CLOUD_ONLY_ANNOTATIONS = tuple(ANNOTATION_PREFIX + a for a in (
+    "eci-vswitch", "eci-security-group", "eci-with-eip", "eci-eip-instanceid", "eip-bandwidth",
+    "eip-common-bandwidth-package-id", "eip-isp", "eip-internet-charge-type", "imc-vswitch",
+    "imc-security-group", "imc-with-eip", "imc-eip-bandwidth"))
+
+
+def now_utc() -> dt.datetime:
+    """The current time, UTC, to the second (what records and events carry)."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def rfc3339(t: dt.datetime | None) -> str | None:
+    """``2026-11-29T20:50:00Z``, as Kubernetes objects write times."""
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    """The inverse of ``rfc3339``."""
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC) if text else None
+
+
+def new_cache_id() -> str:
+    """``imc-`` and 17 random lowercase alphanumerics, like the hosted service's ids."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "imc-" + "".join(secrets.choice(alphabet) for _ in range(17))
+
+
+# -- the spec ----------------------------------------------------------------------------
+
+
+def _bool_annotation(key: str, value: str) -> bool:
+    if value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValidationError(f'annotation {key}: want "true" or "false", got {value!r}')
+
+
+def _int_in(field_name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValidationError(f"{field_name}: want an integer from {low} to {high}, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValidationError(f"{field_name}: want an integer from {low} to {high}, got {value!r}") from None
+    if not low <= number <= high:
+        raise ValidationError(f"{field_name}: {number} is out of range (valid {low} to {high})")
+    return number
+
+
+@dataclass
+class CacheSpec:
+    """What a user asks for. Every field is validated by ``validated()``."""
+
+    images: list[str]
+    image_pull_secrets: list[str] = field(default_factory=list)
+    size_gib: int = SIZE_DEFAULT
+    retention_days: int | None = None
+    reuse: bool = False
+    flash: bool = False
+    plain_http: list[str] = field(default_factory=list)
+    insecure: list[str] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def validated(self) -> CacheSpec:
+        """A normalised copy, or ValidationError naming the first broken rule."""
+        if not isinstance(self.images, list) or not self.images:
+            raise ValidationError(f"images: at least 1 image is required (at most {MAX_IMAGES})")
+        if len(self.images) > MAX_IMAGES:
+            raise ValidationError(f"images: {len(self.images)} images given, at most {MAX_IMAGES} are allowed")
+        images = []
+        for text in self.images:
+            if not isinstance(text, str):
+                raise ValidationError(f"images: {text!r} is not an image reference")
+            ref = str(reference.parse(text))
+            if ref not in images:
+                images.append(ref)
+        for secret in self.image_pull_secrets:
+            if not isinstance(secret, str):
+                raise ValidationError(f"imagePullSecrets: {secret!r} is not namespace:name")
+            SecretStore.split_name(secret)
+        size = _int_in("imageCacheSize", self.size_gib, SIZE_MIN, SIZE_MAX)
+        retention = None
+        if self.retention_days is not None:
+            retention = _int_in("retentionDays", self.retention_days, RETENTION_MIN, RETENTION_MAX)
+        return CacheSpec(images, list(dict.fromkeys(self.image_pull_secrets)), size, retention, bool(self.reuse),
+                         bool(self.flash), sorted(parse_endpoint_list(self.plain_http)),
+                         sorted(parse_endpoint_list(self.insecure)), dict(self.annotations))
+
+    @classmethod
+    def from_annotations(cls, base: CacheSpec, annotations: dict[str, str]) -> tuple[CacheSpec, list[str]]:
+        """Apply ``k8s.aliyun.com/…`` annotations over ``base``.
+
+        Returns the spec and the annotations that were accepted but have no effect on a
+        local cache (cloud placement), which the caller records as events. An unknown
+        ``imc-`` annotation is an error: it is almost certainly a typo of a real one.
+        """
+        spec = CacheSpec(**{f.name: getattr(base, f.name) for f in fields(CacheSpec)})
+        spec.annotations = {**base.annotations, **annotations}
+        no_effect = []
+        for key, value in annotations.items():
+            if not isinstance(value, str):
+                raise ValidationError(f"annotation {key}: values must be strings, got {value!r}")
+            if not key.startswith(ANNOTATION_PREFIX):
+                continue
+            if key == A_REUSE:
+                spec.reuse = _bool_annotation(key, value)
+            elif key == A_FLASH:
+                spec.flash = _bool_annotation(key, value)
+            elif key == A_RETENTION:
+                spec.retention_days = _int_in(f"annotation {key}", value, RETENTION_MIN, RETENTION_MAX)
+            elif key == A_SIZE:
+                spec.size_gib = _int_in(f"annotation {key}", value, SIZE_MIN, SIZE_MAX)
+            elif key == A_PLAIN_HTTP:
+                spec.plain_http = sorted(parse_endpoint_list(value))
+            elif key == A_INSECURE:
+                spec.insecure = sorted(parse_endpoint_list(value))
+            elif key in CLOUD_ONLY_ANNOTATIONS:
+                no_effect.append(key)
+            elif key[len(ANNOTATION_PREFIX):].startswith("imc-"):
+                known = ", ".join(a[len(ANNOTATION_PREFIX):] for a in KNOWN_ANNOTATIONS)
+                raise ValidationError(f"unknown annotation {key} (known: {known})")
+        return spec, no_effect
+
+
+def validate_name(name: str) -> str:
+    """A DNS-1123 label: lowercase letters, digits and '-', at most 63, alphanumeric ends."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValidationError(
+            f"name {name!r}: must be lowercase letters, digits and '-', start and end with a letter or "
+            "digit, at most 63 characters")
+    return name
+
+
+# -- the status ----------------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    """One timestamped, typed, human-readable step in a cache's life."""
+
+    time: str
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class ResolvedImage:
+    """An image as a cache holds it: the name asked for and the manifest it resolved to."""
+
+    name: str
+    digest: str
+    media_type: str
+    size: int
+    index: str | None = None
+    index_media_type: str | None = None
+    index_size: int | None = None
+    platform: str | None = None
+
+
+@dataclass
+class VolumeInfo:
+    """The packed volume that serves a cache."""
+
+    path: str
+    content_bytes: int
+    blob_bytes: int
+    capacity_bytes: int
+    generation: int
+
+
+@dataclass
+class ImageCache:
+    """A cache record: spec, identity, status, and what it holds."""
+
+    name: str
+    id: str
+    spec: CacheSpec
+    created: str
+    phase: str = CREATING
+    progress: int = 0
+    start_time: str | None = None
+    last_updated: str | None = None
+    expire: str | None = None
+    last_used: str | None = None
+    auto: bool = False
+    instance_id: str | None = None
+    events: list[Event] = field(default_factory=list)
+    images: list[ResolvedImage] = field(default_factory=list)
+    pinned: list[ResolvedImage] = field(default_factory=list)
+    volume: VolumeInfo | None = None
+    volume_state: str = "none"  # none | packing | ready | failed
+    bytes_fetched: int = 0
+    bytes_reused: int = 0
+    unpacked_bytes: int = 0
+    message: str = ""
+    generation: int = 0
+
+    # -- state --------------------------------------------------------------------
+
+    def event(self, reason: str, message: str, type_: str = "Normal", when: dt.datetime | None = None) -> None:
+        """Append an event and touch ``lastUpdatedTime``."""
+        stamp = rfc3339(when or now_utc())
+        self.events.append(Event(stamp, type_, reason, message))  # type: ignore[arg-type]
+        self.last_updated = stamp
+
+    def set_progress(self, percent: int) -> None:
+        """Progress only rises while a phase lasts."""
+        self.progress = max(self.progress, min(100, max(0, int(percent))))
+
+    def enter(self, phase: str, when: dt.datetime | None = None) -> None:
+        """Move to ``phase``; progress restarts with it, except that Ready is 100%."""
+        if phase != self.phase:
+            self.phase = phase
+            self.progress = 100 if phase == READY else 0
+        self.last_updated = rfc3339(when or now_utc())
+
+    def retention_expiry(self) -> str | None:
+        """End of the retention period, counted from creation; None means never."""
+        if self.spec.retention_days is None:
+            return None
+        created = parse_time(self.created)
+        assert created is not None
+        return rfc3339(created + dt.timedelta(days=self.spec.retention_days))
+
+    @property
+    def source(self) -> str | None:
+        """Where pulls are served from: the packed volume, else (flash) the store's
+        staging copy, which the cache pins until its volume is complete."""
+        if self.phase == CREATING or self.phase == FAILED or not self.images:
+            return None
+        if self.volume is not None and self.volume_state == "ready":
+            return "volume"
+        pinned = {i.digest for i in self.pinned}
+        if all(i.digest in pinned for i in self.images):
+            return "staging"
+        return None
+
+    # -- persistence form ---------------------------------------------------------
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> ImageCache:
+        doc = dict(doc)
+        doc["spec"] = CacheSpec(**doc["spec"])
+        doc["events"] = [Event(**e) for e in doc.get("events", [])]
+        doc["images"] = [ResolvedImage(**i) for i in doc.get("images", [])]
+        doc["pinned"] = [ResolvedImage(**i) for i in doc.get("pinned", [])]
+        doc["volume"] = VolumeInfo(**doc["volume"]) if doc.get("volume") else None
+        return cls(**doc)
+
+    # -- the Kubernetes-style object ---------------------------------------------------
+
+    def to_object(self) -> dict[str, Any]:
+        """The ``ImageCache`` object as the API and ``-o yaml`` show it."""
+        spec: dict[str, Any] = {"images": list(self.spec.images), "imageCacheSize": self.spec.size_gib}
+        if self.spec.image_pull_secrets:
+            spec["imagePullSecrets"] = list(self.spec.image_pull_secrets)
+        if self.spec.retention_days is not None:
+            spec["retentionDays"] = self.spec.retention_days
+        annotations = dict(self.spec.annotations)
+        if self.spec.reuse:
+            annotations[A_REUSE] = "true"
+        if self.spec.flash:
+            annotations[A_FLASH] = "true"
+        if self.spec.plain_http:
+            annotations[A_PLAIN_HTTP] = ",".join(self.spec.plain_http)
+        if self.spec.insecure:
+            annotations[A_INSECURE] = ",".join(self.spec.insecure)
+        metadata: dict[str, Any] = {"name": self.name, "uid": self.id, "creationTimestamp": self.created}
+        if annotations:
+            metadata["annotations"] = annotations
+        if self.auto:
+            metadata["labels"] = {"imc.auto-created": "true"}
+        status: dict[str, Any] = {
+            "phase": self.phase,
+            "progress": f"{self.progress}%",
+            "imageCacheId": self.id,
+            "startTime": self.start_time,
+            "lastUpdatedTime": self.last_updated,
+            "expireDateTime": self.expire,
+            "source": self.source,
+            "bytesFetched": self.bytes_fetched,
+            "bytesReused": self.bytes_reused,
+            "unpackedBytes": self.unpacked_bytes,
+            "volume": {"state": self.volume_state, **({
+                "path": self.volume.path, "contentBytes": self.volume.content_bytes,
+                "blobBytes": self.volume.blob_bytes, "capacityBytes": self.volume.capacity_bytes,
+            } if self.volume else {})},
+            "images": [{"name": i.name, "digest": i.digest, **({"platform": i.platform} if i.platform else {})}
+                       for i in self.images],
+            "events": [asdict(e) for e in self.events],
+        }
+        if self.last_used:
+            status["lastUsedTime"] = self.last_used
+        if self.message:
+            status["message"] = self.message
+        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec, "status": status}
+
+
+def spec_from_object(obj: Any) -> tuple[str, CacheSpec, list[str]]:
+    """Read an ``ImageCache`` object (parsed YAML or JSON): its name, spec, and the
+    annotations accepted without effect. Raises ValidationError naming the field."""
+    if not isinstance(obj, dict):
+        raise ValidationError("ImageCache: the document is not an object")
+    if obj.get("apiVersion") != API_VERSION:
+        raise ValidationError(f"apiVersion: want {API_VERSION}, got {obj.get('apiVersion')!r}")
+    if obj.get("kind") != KIND:
+        raise ValidationError(f"kind: want {KIND}, got {obj.get('kind')!r}")
+    metadata = obj.get("metadata") or {}
+    spec_obj = obj.get("spec") or {}
+    if not isinstance(metadata, dict) or not isinstance(spec_obj, dict):
+        raise ValidationError("metadata and spec must be objects")
+    name = validate_name(metadata.get("name"))  # type: ignore[arg-type]
+    known = {"images", "imagePullSecrets", "imageCacheSize", "retentionDays"}
+    unknown = sorted(set(spec_obj) - known)
+    if unknown:
+        raise ValidationError(f"spec: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    images = spec_obj.get("images")
+    if not isinstance(images, list):
+        raise ValidationError(f"spec.images: want a list of 1 to {MAX_IMAGES} image references")
+    secrets_ = spec_obj.get("imagePullSecrets") or []
+    if not isinstance(secrets_, list):
+        raise ValidationError("spec.imagePullSecrets: want a list of namespace:name")
+    annotations = metadata.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise ValidationError("metadata.annotations: want a map of strings")
+    base = CacheSpec(images=images, image_pull_secrets=secrets_,
+                     size_gib=spec_obj.get("imageCacheSize", SIZE_DEFAULT),
+                     retention_days=spec_obj.get("retentionDays"))
+    spec, no_effect = CacheSpec.from_annotations(base, {str(k): v for k, v in annotations.items()})
+    return name, spec.validated(), no_effect
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Policies as data: quotas and automatic-cache expiry, in ``settings.json``."""
+
+    max_manual_caches: int = 100
+    auto_unused_days: int = 30
+
+    @property
+    def max_auto_caches(self) -> int:
+        """Automatic caches have their own quota, half the manual one."""
+        return self.max_manual_caches // 2
+
+    @classmethod
+    def load(cls, home: Path) -> Settings:
+        path = home / "settings.json"
+        if not path.exists():
+            return cls()
+        try:
+            doc = json.loads(path.read_text())
+            return cls(**{f.name: int(doc[f.name]) for f in fields(cls) if f.name in doc})
+        except (ValueError, TypeError) as e:
+            raise ValidationError(f"{path} is not valid settings: {e}") from None
+
+    def save(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        write_atomic(home / "settings.json", json.dumps(asdict(self), indent=2).encode())
+
+    @staticmethod
+    def keys() -> list[str]:
+        return [f.name for f in fields(Settings)]
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+class CacheDB:
+    """Cache records in SQLite (``caches.db``): JSON documents keyed by name and id."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS caches (name TEXT PRIMARY KEY, id TEXT UNIQUE NOT NULL, "
+                       "auto INTEGER NOT NULL, doc TEXT NOT NULL)")
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def insert(self, cache: ImageCache, quota: int) -> None:
+        """Add a new record, unless the name is taken or the kind's quota is full."""
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM caches WHERE name=?", (cache.name,)).fetchone():
+                raise ValidationError(f"name {cache.name!r}: an image cache with this name already exists")
+            count = db.execute("SELECT COUNT(*) FROM caches WHERE auto=?", (int(cache.auto),)).fetchone()[0]
+            if count >= quota:
+                kind = "automatic" if cache.auto else "manual"
+                raise QuotaError(f"quota exceeded: {count} {kind} image caches exist, the maximum is {quota}")
+            db.execute("INSERT INTO caches (name, id, auto, doc) VALUES (?, ?, ?, ?)",
+                       (cache.name, cache.id, int(cache.auto), json.dumps(cache.to_doc())))
+
+    def get(self, name: str) -> ImageCache:
+        with self._connect() as db:
+            row = db.execute("SELECT doc FROM caches WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundLocalError(f"image cache {name!r} does not exist")
+        return ImageCache.from_doc(json.loads(row[0]))
+
+    def by_id(self, cache_id: str) -> ImageCache:
+        with self._connect() as db:
+            row = db.execute("SELECT doc FROM caches WHERE id=?", (cache_id,)).fetchone()
+        if row is None:
+            raise NotFoundLocalError(f"image cache id {cache_id!r} does not exist")
+        return ImageCache.from_doc(json.loads(row[0]))
+
+    def list(self) -> list[ImageCache]:
+        with self._connect() as db:
+            rows = db.execute("SELECT doc FROM caches ORDER BY name").fetchall()
+        return [ImageCache.from_doc(json.loads(r[0])) for r in rows]
+
+    def update(self, name: str, change: Callable[[ImageCache], None]) -> ImageCache:
+        """Apply ``change`` to the current record inside one transaction; returns the result."""
+        with self._transaction() as db:
+            row = db.execute("SELECT doc FROM caches WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFoundLocalError(f"image cache {name!r} does not exist")
+            cache = ImageCache.from_doc(json.loads(row[0]))
+            change(cache)
+            db.execute("UPDATE caches SET doc=? WHERE name=?", (json.dumps(cache.to_doc()), name))
+            return cache
+
+    def delete(self, name: str) -> ImageCache:
+        """Remove a record; returns what it was."""
+        with self._transaction() as db:
+            row = db.execute("SELECT doc FROM caches WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFoundLocalError(f"image cache {name!r} does not exist")
+            db.execute("DELETE FROM caches WHERE name=?", (name,))
+            return ImageCache.from_doc(json.loads(row[0]))
