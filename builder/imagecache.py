@@ -388,6 +388,22 @@ def spec_from_object(obj: Any) -> tuple[str, CacheSpec, list[str]]:
     return name, spec.validated(), no_effect
 
 
+def match_keys(cache: ImageCache) -> set[tuple[str, str]]:
+    """The (repository, version) pairs a cache holds, for the matcher: each spec image
+    with its tag or digest, and each resolved image with its manifest and index digests
+    (so a request pinned by digest finds a cache that was asked for by tag)."""
+    keys = set()
+    for text in cache.spec.images:
+        ref = reference.parse(text)
+        keys.add((ref.name, ref.identifier))
+    for image in cache.images:
+        name = reference.parse(image.name).name
+        keys.add((name, image.digest))
+        if image.index:
+            keys.add((name, image.index))
+    return keys
+
+
 # -- settings ------------------------------------------------------------------------------
 
 
@@ -436,6 +452,49 @@ class CacheDB:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS caches (name TEXT PRIMARY KEY, id TEXT UNIQUE NOT NULL, "
                        "auto INTEGER NOT NULL, doc TEXT NOT NULL)")
+            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='match_index'").fetchone()
+        if not exists:
+            self._create_match_index()
+
+    # The match index: for each Ready cache, one row per repository it holds, with the
+    # versions (tags and digests) it holds of it as one ' v1 v2 ' string. Every write
+    # below keeps it in step with the documents, so the matcher ranks thousands of
+    # caches in one query over small rows, decoding no document but the winner's.
+
+    def _create_match_index(self) -> None:
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='match_index'").fetchone():
+                return  # another process built it first
+            db.execute("CREATE TABLE match_index (repository TEXT NOT NULL, name TEXT NOT NULL, id TEXT NOT NULL, "
+                       "size_gib INTEGER NOT NULL, created TEXT NOT NULL, versions TEXT NOT NULL, "
+                       "PRIMARY KEY (repository, name)) WITHOUT ROWID")
+            db.execute("CREATE INDEX match_index_name ON match_index (name)")
+            for (doc,) in db.execute("SELECT doc FROM caches").fetchall():
+                self._index(db, ImageCache.from_doc(json.loads(doc)))
+
+    @staticmethod
+    def _match_rows(cache: ImageCache) -> list[tuple[str, str, str, int, str, str]]:
+        if cache.phase != READY:
+            return []
+        versions: dict[str, list[str]] = {}
+        for repository, version in sorted(match_keys(cache)):
+            versions.setdefault(repository, []).append(version)
+        return [(repository, cache.name, cache.id, cache.spec.size_gib, cache.created, f" {' '.join(v)} ")
+                for repository, v in versions.items()]
+
+    def _index(self, db: sqlite3.Connection, cache: ImageCache,
+               before: list[tuple[str, str, str, int, str, str]] | None = None) -> None:
+        rows = self._match_rows(cache)
+        if rows == before:
+            return  # progress, events, last use: nothing the matcher reads
+        db.execute("DELETE FROM match_index WHERE name=?", (cache.name,))
+        db.executemany("INSERT INTO match_index VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def query(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read of the tables (``caches``, ``match_index``) for callers that ask
+        their own question in SQL: the matcher ranks caches this way."""
+        with self._connect() as db:
+            return db.execute(sql, params).fetchall()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -468,6 +527,7 @@ class CacheDB:
                 raise QuotaError(f"quota exceeded: {count} {kind} image caches exist, the maximum is {quota}")
             db.execute("INSERT INTO caches (name, id, auto, doc) VALUES (?, ?, ?, ?)",
                        (cache.name, cache.id, int(cache.auto), json.dumps(cache.to_doc())))
+            self._index(db, cache)
 
     def get(self, name: str) -> ImageCache:
         with self._connect() as db:
@@ -495,8 +555,10 @@ class CacheDB:
             if row is None:
                 raise NotFoundLocalError(f"image cache {name!r} does not exist")
             cache = ImageCache.from_doc(json.loads(row[0]))
+            before = self._match_rows(cache)
             change(cache)
             db.execute("UPDATE caches SET doc=? WHERE name=?", (json.dumps(cache.to_doc()), name))
+            self._index(db, cache, before)
             return cache
 
     def delete(self, name: str) -> ImageCache:
@@ -506,4 +568,5 @@ class CacheDB:
             if row is None:
                 raise NotFoundLocalError(f"image cache {name!r} does not exist")
             db.execute("DELETE FROM caches WHERE name=?", (name,))
+            db.execute("DELETE FROM match_index WHERE name=?", (name,))
             return ImageCache.from_doc(json.loads(row[0]))
