@@ -2,26 +2,61 @@
 
 Starts its own registries (plain HTTP and TLS) on loopback, pushes the large fixture,
 runs each benchmark, prints the rows as they come and writes bench/RESULTS.md.
+``make bench BENCH=pull,serve`` runs only some sections.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ROOT, Table  # noqa: E402
+from harness import IMC, ROOT, Table  # noqa: E402
 
+import cache_bench  # noqa: E402
+import match_bench  # noqa: E402
 import pull_bench  # noqa: E402
 import regfix  # noqa: E402
+import serve_bench  # noqa: E402
+import volume_bench  # noqa: E402
+
+from builder.oci import Descriptor  # noqa: E402
+from builder.store import Store  # noqa: E402
+
+SECTIONS = ("pull", "cache", "volume", "serve", "match")
+
+
+def _large_blobs(registry: str, work: Path) -> tuple[Path, list[Descriptor]]:
+    """The large image pulled into a store: the blobs a volume of it holds."""
+    home = work / "volume-source"
+    subprocess.run([*IMC, "--home", str(home), "pull", "-q", "--plain-http", registry,
+                    f"{registry}/{cache_bench.LARGE}"], check=True, capture_output=True)
+    store = Store(home)
+    image = store.images()[0]
+    manifest = store.manifest(image.descriptor.digest)
+    return home, [image.descriptor, *manifest.blobs()]  # type: ignore[union-attr]
 
 
 def main() -> int:
-    tables = []
+    wanted = [s for s in os.environ.get("BENCH", ",".join(SECTIONS)).split(",") if s]
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        print(f"unknown BENCH sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+        return 2
+    tables: list[Table] = []
+
+    def section(title: str) -> Table:
+        table = Table(title, ["benchmark", "imc", "peer", "ratio"])
+        print(f"\n{title}", flush=True)
+        tables.append(table)
+        return table
+
     with tempfile.TemporaryDirectory(prefix="imc-bench-") as tmp:
         work = Path(tmp)
         registries = regfix.RegistrySet(work / "registries", modes=("plain", "tls"))
@@ -29,20 +64,34 @@ def main() -> int:
             print("pushing the fixtures (large image included)...", flush=True)
             catalogue = registries.push_fixtures(large=True)
             endpoints = registries.endpoints
-            pull = Table("Pull: imc against skopeo (median of "
-                         f"{pull_bench.ROUNDS} alternating runs, whole-command wall time)",
-                         ["benchmark", "imc", "skopeo", "ratio"])
-            print(pull.title, flush=True)
-            pull_bench.throughput(endpoints, catalogue, work, pull)
-            pull_bench.shared_base(endpoints, catalogue, work, pull)
-            pull_bench.memory(endpoints, work, pull)
-            tables.append(pull)
+            registry = endpoints["plain"].host
+            if "pull" in wanted:
+                table = section(f"Pull: imc against skopeo (median of {pull_bench.ROUNDS} alternating runs, "
+                                "whole-command wall time)")
+                pull_bench.throughput(endpoints, catalogue, work, table)
+                pull_bench.shared_base(endpoints, catalogue, work, table)
+                pull_bench.memory(endpoints, work, table)
+            if "cache" in wanted:
+                table = section("Caches: flash and reuse (median of 3 runs)")
+                cache_bench.flash(endpoints, work, table)
+                cache_bench.reuse(endpoints, catalogue, work, table)
+            if "volume" in wanted:
+                table = section("Volumes: packing against tar | zstd -T0")
+                home, blobs = _large_blobs(registry, work)
+                volume_bench.packing(home, blobs, work, table)
+            if "serve" in wanted:
+                table = section(f"Serving: imc serve against registry:2 (median of {serve_bench.ROUNDS} runs)")
+                serve_bench.throughput(endpoints, catalogue, work, table)
+                serve_bench.headline(registries.storage, catalogue, work, table)
+            if "match" in wanted:
+                table = section("Matcher latency")
+                match_bench.latency(work, table)
     header = (f"# Benchmark results\n\nRun {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on "
-              f"{platform.machine()}, Python {platform.python_version()}; registry:2 "
-              "(docker-registry) on loopback. Ratios above 1.0x favour imc for throughput; "
-              "for memory, below 1.0x favours imc.\n\n")
+              f"{platform.machine()} ({os.cpu_count()} cores), Python {platform.python_version()}; registry:2 "
+              "(docker-registry 2.8) and skopeo 1.9 on loopback. Throughput ratios above 1.0x favour imc; for "
+              "memory and time ratios, below 1.0x favours imc.\n\n")
     (ROOT / "bench" / "RESULTS.md").write_text(header + "\n".join(t.markdown() for t in tables))
-    print(f"wrote {ROOT / 'bench' / 'RESULTS.md'}")
+    print(f"\nwrote {ROOT / 'bench' / 'RESULTS.md'}")
     return 0
 
 

@@ -38,6 +38,7 @@ from builder.imagecache import (
     UPDATING,
     CacheDB,
     CacheSpec,
+    Event,
     ImageCache,
     ResolvedImage,
     Settings,
@@ -169,6 +170,7 @@ class Caches:
         self.clock = clock
         self.platform = platform
         self.concurrency = concurrency
+        self._listeners: dict[str, Callable[[Event], None]] = {}
 
     @property
     def settings(self) -> Settings:
@@ -178,7 +180,19 @@ class Caches:
         return self.store.locks / f"cache-{cache_id}.lock"
 
     def _record(self, name: str, change: Callable[[ImageCache], None]) -> ImageCache:
-        return self.db.update(name, change)
+        """Change a record; new events also go to whoever watches this build."""
+        before: list[int] = []
+
+        def counted(cache: ImageCache) -> None:
+            before.append(len(cache.events))
+            change(cache)
+
+        cache = self.db.update(name, counted)
+        listener = self._listeners.get(name)
+        if listener is not None:
+            for event in cache.events[before[0]:]:
+                listener(event)
+        return cache
 
     # -- reading -----------------------------------------------------------------------
 
@@ -291,12 +305,16 @@ class Caches:
 
     # -- building --------------------------------------------------------------------------
 
-    def build(self, name: str, lease: BuildLease, on_pull: Callable[[PullEvent], None] | None = None) -> ImageCache:
+    def build(self, name: str, lease: BuildLease, on_pull: Callable[[PullEvent], None] | None = None,
+              on_event: Callable[[Event], None] | None = None) -> ImageCache:
         """Run the build of a cache in Creating or Updating, then release the lease.
 
         Never raises for a build failure: the failure is the cache's new phase, with an
-        event saying why. Returns the final record.
+        event saying why. ``on_event`` sees each cache event as it is recorded.
+        Returns the final record.
         """
+        if on_event is not None:
+            self._listeners[name] = on_event
         try:
             self._build(name, on_pull)
         except NotFoundLocalError:
@@ -308,6 +326,7 @@ class Caches:
             raise
         finally:
             lease.release()
+            self._listeners.pop(name, None)
         return self.db.get(name)
 
     def _build(self, name: str, on_pull: Callable[[PullEvent], None] | None) -> None:
@@ -423,7 +442,7 @@ class Caches:
                 c.volume_state = "failed"
                 c.event("VolumePackFailed", f"{reason}; still serving from local staging", "Warning", when=now)
 
-        return self.db.update(name, failed)
+        return self._record(name, failed)
 
     def _resolved(self, img: PulledImage) -> ResolvedImage:
         index_media_type = index_size = None

@@ -14,6 +14,8 @@ import click
 
 from builder import __version__
 from builder.cli import cache_cmds, store_cmds
+from builder.cli.match_cmd import match
+from builder.cli.serve_cmd import serve
 from builder.cli.common import EXIT_USAGE, Context
 from builder.errors import ImcError
 from builder.store import default_home
@@ -34,7 +36,7 @@ def cli(ctx: click.Context, home: Path | None, verbose: bool) -> None:
 
 
 for command in (store_cmds.pull, store_cmds.layers, store_cmds.gc, store_cmds.secret, cache_cmds.cache,
-                cache_cmds.apply, cache_cmds.volume, cache_cmds.config):
+                cache_cmds.apply, cache_cmds.volume, cache_cmds.config, match, serve):
     cli.add_command(command)
 
 

@@ -55,7 +55,9 @@ def age(created: str | None) -> str:
 def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, quiet: bool) -> ImageCache:
     """Build now (``--wait``: here, with progress) or in a detached builder process."""
     if wait:
-        final = ctx.caches.build(cache.name, lease, on_pull=None if quiet else PullProgress())
+        progress = None if quiet else PullProgress()
+        final = ctx.caches.build(cache.name, lease, on_pull=progress,
+                                 on_event=None if progress is None else progress.cache_event)
         if final.phase in (FAILED, UPDATE_FAILED):
             raise CacheFailed(f"image cache {final.name} is {final.phase}: {final.message}")
         return final

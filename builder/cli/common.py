@@ -14,6 +14,7 @@ import click
 
 from builder.caches import Caches
 from builder.digest import Digest
+from builder.imagecache import Event
 from builder.pull import PullEvent, PullResult
 from builder.registry.auth import Keychain, SecretStore
 from builder.store import Store
@@ -95,6 +96,13 @@ class PullProgress:
                 self._line(f"  {verb} {event.digest.short}  {human(event.size):>10}  {event.media_type}")  # type: ignore[union-attr]
             elif event.kind == "image-done":
                 self._line(f"{event.image}: complete")
+
+    def cache_event(self, event: Event) -> None:
+        """A cache's own steps (resolved, capacity, flash, volume) between the blob lines."""
+        if event.reason in ("LayerFetched", "LayerReused", "ImageResolved"):
+            return  # the blob and image lines already say it
+        with self.lock:
+            self._line(f"[{event.reason}] {event.message}")
 
     def _line(self, text: str) -> None:
         if self.tty:

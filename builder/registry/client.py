@@ -13,8 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -479,11 +478,11 @@ class Registry:
         if sink.offset < size:
             raise TransportError(f"{self.endpoint}: blob {digest.short} truncated at {sink.offset} of {size} bytes")
 
-    @contextmanager
-    def open_blob(self, repository: str, digest: Digest) -> Iterator[requests.Response]:
-        """A raw streaming response for a blob (for pull-through serving)."""
-        resp = self._request("GET", f"/v2/{repository}/blobs/{digest}", repository, stream=True)
-        try:
-            yield resp
-        finally:
-            resp.close()
+    def blob_size(self, repository: str, digest: Digest) -> int:
+        """HEAD a blob: its size, from Content-Length (NotFoundError if absent)."""
+        resp = self._request("HEAD", f"/v2/{repository}/blobs/{digest}", repository)
+        resp.close()
+        length = resp.headers.get("Content-Length", "")
+        if not length.isdigit():
+            raise RegistryError(f"{self.endpoint}: no Content-Length for blob {digest.short}")
+        return int(length)

@@ -37,6 +37,10 @@ class CutProxy:
 
     def __exit__(self, *exc: object) -> None:
         self._closed.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
         self._listener.close()
         self._thread.join(timeout=5)
 

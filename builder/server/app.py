@@ -1,0 +1,181 @@
+"""``imc serve``: one HTTP server for the registry endpoint and the ImageCache API.
+
+Threads, one per connection, with keep-alive: a pull is a handful of long blob
+transfers, and blob bodies leave through ``socket.sendfile`` (no copy through
+Python) whenever their bytes lie in a file as they are. The server binds to
+loopback unless told otherwise, and sweeps expired caches periodically.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from requests.structures import CaseInsensitiveDict
+
+from builder import __version__
+from builder.caches import Caches
+from builder.errors import ImcError, ValidationError
+from builder.pull import Puller
+from builder.server.api import MAX_BODY_BYTES, BuildRunner, ImageCacheAPI
+from builder.server.metrics import Metrics
+from builder.server.registry import RegistryEndpoint, Reply, error
+
+log = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT = 120.0
+
+
+def parse_listen(text: str, allow_remote: bool) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) to bind; refuses non-loopback unless allowed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValidationError(f"--listen {text!r}: want host:port, e.g. 127.0.0.1:5050")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        raise ValidationError(f"--listen {text!r}: the host must be an IP address") from None
+    if not address.is_loopback and not allow_remote:
+        raise ValidationError(f"--listen {text!r} is not a loopback address; pass --allow-remote to serve "
+                              "other machines")
+    return host, int(port)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], app: Server) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        self.app = app
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"imc/{__version__}"
+    timeout = SOCKET_TIMEOUT
+    server: _HTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _dispatch(self) -> None:
+        app = self.server.app
+        parts = urlsplit(self.path)
+        try:
+            if parts.path.startswith(ImageCacheAPI.PREFIX):
+                reply = self._api(app)
+            elif parts.path == "/metrics" and self.command == "GET":
+                reply = Reply(200, {"Content-Type": Metrics.CONTENT_TYPE}, app.metrics.render().encode())
+            elif parts.path.startswith("/v2"):
+                reply = app.registry.handle(self.command, parts.path, dict(parse_qsl(parts.query)), self._headers())
+            else:
+                reply = error(404, "NOT_FOUND", "unknown route")
+        except ImcError as e:
+            log.warning("request %s %s failed: %s", self.command, parts.path, e.message)
+            reply = error(500, "UNKNOWN", "the server could not read the content")
+        self._send(reply)
+
+    def _headers(self) -> CaseInsensitiveDict[str]:
+        """Request headers, case-insensitive, repeated ones joined (clients send several Accept lines)."""
+        return CaseInsensitiveDict({k: ", ".join(self.headers.get_all(k) or ()) for k in set(self.headers.keys())})
+
+    def _api(self, app: Server) -> Reply:
+        length = self.headers.get("Content-Length", "0")
+        size = int(length) if length.isdigit() else 0
+        if size > MAX_BODY_BYTES:
+            body = b""  # the API answers 413 from Content-Length; the body is never read
+            self.close_connection = True
+        else:
+            body = self.rfile.read(size) if size else b""
+        answer = app.api.handle(self.command, self.path, self._headers(), body)
+        return Reply(answer.status, {"Content-Type": answer.content_type, **answer.headers}, answer.body)
+
+    def _send(self, reply: Reply) -> None:
+        self.send_response(reply.status)
+        headers = {"Docker-Distribution-API-Version": "registry/2.0", **reply.headers}
+        if "Content-Length" not in headers:
+            headers["Content-Length"] = str(len(reply.body))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        try:
+            if reply.extent is not None:
+                path, offset, count = reply.extent
+                with open(path, "rb") as f:
+                    self.connection.sendfile(f, offset, count)
+            elif reply.stream is not None:
+                for chunk in reply.stream:
+                    self.wfile.write(chunk)
+            elif reply.body:
+                self.wfile.write(reply.body)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away mid-body
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
+
+
+class Server:
+    """The registry endpoint, the API and the sweep, behind one listening socket."""
+
+    def __init__(self, caches: Caches, listen: tuple[str, int], pull_through: Puller | None = None,
+                 upstream: str | None = None, sweep_interval: float = 3600.0, build_workers: int = 2) -> None:
+        self.caches = caches
+        self.metrics = Metrics()
+        self.registry = RegistryEndpoint(caches, pull_through, upstream, on_hit=self.metrics.hit)
+        self.builds = BuildRunner(caches, workers=build_workers)
+        self.api = ImageCacheAPI(caches, self.builds)
+        self.sweep_interval = sweep_interval
+        self._httpd = _HTTPServer(listen, self)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def address(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+    def start(self) -> Server:
+        """Serve in background threads (tests, embedding); ``stop()`` ends it."""
+        self._threads = [threading.Thread(target=self._httpd.serve_forever, name="imc-serve", daemon=True)]
+        if self.sweep_interval > 0:
+            self._threads.append(threading.Thread(target=self._sweep, name="imc-sweep", daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted."""
+        if self.sweep_interval > 0:
+            threading.Thread(target=self._sweep, name="imc-sweep", daemon=True).start()
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self.builds.shutdown(wait=False)
+
+    def _sweep(self) -> None:
+        """Delete expired caches and reclaim what nothing needs, every ``sweep_interval``."""
+        while not self._stopping.wait(self.sweep_interval):
+            try:
+                report = self.caches.gc()
+                if report.deleted:
+                    log.info("sweep deleted expired caches: %s", ", ".join(report.deleted))
+            except ImcError as e:
+                log.warning("sweep failed: %s", e.message)

@@ -1,0 +1,399 @@
+"""The read-only OCI distribution endpoint that serves pulls from caches.
+
+Every name and digest in a URL is validated against the distribution spec's grammar
+before anything is looked up, so nothing from a request ever becomes a path. What
+can be served comes from the ``ServeIndex``: the Ready caches' volumes (or their
+flash staging copy in the store) and the images pulled into the store. A hit sends
+nothing upstream; a miss is a spec 404, or, with pull-through, a pull into the store
+that is then served like any other stored image.
+
+The handler is transport-free: it returns a ``Reply`` whose body is bytes, a file
+extent (which the HTTP layer sends with ``sendfile``), or an iterator of chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder import reference
+from builder.caches import Caches
+from builder.digest import Digest
+from builder.errors import BadReferenceError, ImcError, NotFoundLocalError
+from builder.imagecache import READY, UPDATE_FAILED, UPDATING, ImageCache
+from builder.matcher import Entry, MatchRequest, rank
+from builder.oci import INDEX_TYPES, MANIFEST_TYPES, Index
+from builder.pull import Puller
+from builder.store import Store
+from builder.volume import Volume
+
+SERVING_PHASES = (READY, UPDATING, UPDATE_FAILED)
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_PATH_RE = re.compile(r"^/v2/(.+)/(manifests|blobs|tags)/([^/]+)$")
+INDEX_TTL = 2.0
+
+
+@dataclass
+class Reply:
+    """An HTTP answer: status, headers, and one kind of body."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    extent: tuple[Path, int, int] | None = None  # file, offset, length: sent with sendfile
+    stream: Iterator[bytes] | None = None
+
+
+def error(status: int, code: str, message: str, detail: object = None) -> Reply:
+    """A spec error body: ``{"errors": [{"code", "message", "detail"}]}``."""
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": detail}]}).encode()
+    return Reply(status, {"Content-Type": "application/json"}, body)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Where one servable blob's bytes are: a volume entry or a store file."""
+
+    size: int
+    media_type: str
+    volume: Volume | None = None
+    path: Path | None = None
+
+    def extent(self, digest: Digest, start: int, end: int) -> tuple[Path, int, int] | None:
+        """A file extent for sendfile, when the bytes lie in a file as they are."""
+        if self.path is not None:
+            return self.path, start, end - start
+        assert self.volume is not None
+        raw = self.volume.raw_extent(digest)
+        return (self.volume.path, raw[0] + start, end - start) if raw else None
+
+    def chunks(self, digest: Digest, start: int, end: int) -> Iterator[bytes]:
+        assert self.volume is not None
+        return self.volume.read_range(digest, start, end)
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """A tag a cache (or the store) can answer: the manifest or index it resolves to."""
+
+    registry: str
+    repository: str
+    tag: str
+    digest: Digest
+    cache: ImageCache | None
+
+
+class ServeIndex:
+    """What can be served right now, rebuilt from the records when they may have changed.
+
+    Rebuilt at most every ``INDEX_TTL`` seconds, and at once on a miss, so a cache
+    that just became Ready is served without a restart and a busy server does not
+    reread every record on every request.
+    """
+
+    def __init__(self, caches: Caches) -> None:
+        self.caches = caches
+        self.store = caches.store
+        self._lock = threading.Lock()
+        self._built = 0.0
+        self._volumes: dict[Path, Volume] = {}
+        self.tags: list[Tagged] = []
+        self.blobs: dict[Digest, Blob] = {}
+        self.caches_by_name: dict[str, ImageCache] = {}
+
+    def refresh(self, force: bool = False) -> None:
+        with self._lock:
+            if not force and time.monotonic() - self._built < INDEX_TTL:
+                return
+            tags: list[Tagged] = []
+            blobs: dict[Digest, Blob] = {}
+            volumes: dict[Path, Volume] = {}
+            serving = [c for c in self.caches.db.list() if c.phase in SERVING_PHASES and c.source]
+            for cache in serving:
+                for image in cache.images:
+                    ref = reference.parse(image.name)
+                    top = Digest.parse(image.index or image.digest)
+                    tags.append(Tagged(ref.registry, ref.repository, ref.tag or "", top, cache))
+                if cache.source == "volume" and cache.volume:
+                    path = Path(cache.volume.path)
+                    vol = self._volumes.get(path) or _open_volume(path)
+                    if vol is None:
+                        continue
+                    volumes[path] = vol
+                    for digest, entry in vol.entries.items():
+                        blobs.setdefault(digest, Blob(entry.size, entry.media_type, volume=vol))
+                else:
+                    self._add_store_closure(blobs, [Digest.parse(i.digest) for i in cache.images]
+                                            + [Digest.parse(i.index) for i in cache.images if i.index])
+            for stored in self.store.images():
+                ref = reference.parse(stored.name)
+                top = stored.index_digest or stored.descriptor.digest
+                tags.append(Tagged(ref.registry, ref.repository, ref.tag or "", top, None))
+                self._add_store_closure(blobs, [stored.descriptor.digest, *([top] if stored.index_digest else [])])
+            self.tags, self.blobs, self._volumes = tags, blobs, volumes
+            self.caches_by_name = {c.name: c for c in serving}
+            self._built = time.monotonic()
+
+    def _add_store_closure(self, blobs: dict[Digest, Blob], roots: list[Digest]) -> None:
+        for root in roots:
+            media_types = _media_types(self.store, root)
+            for digest in self.store.closure(root):
+                if digest not in blobs and self.store.has(digest):
+                    blobs[digest] = Blob(self.store.size(digest), media_types.get(digest, ""),
+                                         path=self.store.blob_path(digest))
+
+    def lookup_tag(self, registry: str | None, repository: str, tag: str) -> Tagged | None:
+        """The best answer for a tag: among caches holding it, the matcher's ranking
+        (most of the request held, size, newest); the store's images after caches."""
+        found = [t for t in self.tags if t.repository == repository and t.tag == tag
+                 and (registry is None or t.registry == registry)]
+        if not found:
+            return None
+        in_caches = {t.cache.name: t for t in found if t.cache is not None}
+        if in_caches:
+            request = MatchRequest((f"{found[0].registry}/{repository}:{tag}",))
+            ranked = rank([Entry.of(t.cache) for t in in_caches.values() if t.cache], request)
+            if ranked:
+                return in_caches[ranked[0].entry.name]
+            return next(iter(in_caches.values()))
+        return found[0]
+
+
+def _open_volume(path: Path) -> Volume | None:
+    try:
+        return Volume.open(path)
+    except ImcError:
+        return None
+
+
+def _media_types(store: Store, root: Digest) -> dict[Digest, str]:
+    """Media types of the blobs under a stored manifest or index, from the manifests."""
+    out: dict[Digest, str] = {}
+    try:
+        node = store.manifest(root)
+    except (ImcError, ValueError):
+        return out
+    out[root] = node.media_type
+    if isinstance(node, Index):
+        for child in node.manifests:
+            out[child.digest] = child.media_type
+            if store.has(child.digest):
+                out.update(_media_types(store, child.digest))
+    else:
+        for blob in node.blobs():
+            out[blob.digest] = blob.media_type
+    return out
+
+
+class RegistryEndpoint:
+    """Answers distribution API requests from the ServeIndex; never writes."""
+
+    def __init__(self, caches: Caches, pull_through: Puller | None = None, upstream: str | None = None,
+                 on_hit: Callable[[str | None, str, int], None] | None = None) -> None:
+        self.index = ServeIndex(caches)
+        self.caches = caches
+        self.pull_through = pull_through
+        self.upstream = upstream
+        self.on_hit = on_hit or (lambda cache, kind, size: None)
+        self._used: dict[str, float] = {}
+        self._pull_lock = threading.Lock()
+
+    def handle(self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> Reply:
+        if method not in ("GET", "HEAD"):
+            return error(405, "UNSUPPORTED", "this registry is read-only")
+        if path in ("/v2", "/v2/"):
+            return Reply(200, {"Content-Type": "application/json"}, b"{}")
+        m = _PATH_RE.match(path)
+        if not m:
+            return error(404, "NOT_FOUND", "unknown route")
+        name, kind, ident = m.groups()
+        if not reference.valid_repository(name):
+            return error(400, "NAME_INVALID", "invalid repository name", {"name": name[:256]})
+        ns = query.get("ns")
+        if ns is not None and not _valid_registry(ns):
+            return error(400, "NAME_INVALID", "invalid ns (registry) parameter")
+        if kind == "tags":
+            return self._tags(name, ns) if ident == "list" else error(404, "NOT_FOUND", "unknown route")
+        if kind == "manifests":
+            return self._manifest(method, name, ident, ns, headers)
+        return self._blob(method, name, ident, ns, headers)
+
+    # -- manifests -------------------------------------------------------------------
+
+    def _manifest(self, method: str, name: str, ident: str, ns: str | None, headers: Mapping[str, str]) -> Reply:
+        if ident.startswith(("sha256:", "sha512:")):
+            try:
+                digest = Digest.parse(ident)
+            except BadReferenceError:
+                return error(400, "DIGEST_INVALID", "invalid digest")
+            tagged = None
+        else:
+            if not reference.TAG_RE.match(ident):
+                return error(400, "TAG_INVALID", "invalid tag")
+            tagged = self._find_tag(name, ident, ns)
+            if tagged is None:
+                return error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "tag": ident})
+            digest = tagged.digest
+        blob = self._find_blob(digest)
+        if blob is None and tagged is None and self._pull(name, str(digest), ns):
+            blob = self._find_blob(digest)
+        if blob is None or blob.media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
+            return error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "digest": str(digest)})
+        accept = headers.get("Accept", "")
+        if accept and blob.media_type not in accept and "*/*" not in accept and not _accepts_any(accept):
+            return error(404, "MANIFEST_UNKNOWN", f"manifest is {blob.media_type}, not in Accept")
+        cache_name = tagged.cache.name if tagged and tagged.cache else None
+        self._mark_used(cache_name)
+        data = self._read(digest, blob)
+        self.on_hit(cache_name, "manifest", len(data))
+        head = {"Content-Type": blob.media_type, "Docker-Content-Digest": str(digest),
+                "Content-Length": str(len(data))}
+        return Reply(200, head, b"" if method == "HEAD" else data)
+
+    def _find_tag(self, name: str, tag: str, ns: str | None) -> Tagged | None:
+        self.index.refresh()
+        found = self.index.lookup_tag(ns, name, tag)
+        if found is None:
+            self.index.refresh(force=True)
+            found = self.index.lookup_tag(ns, name, tag)
+        if found is None and self._pull(name, tag, ns):
+            found = self.index.lookup_tag(ns, name, tag)
+        return found
+
+    # -- blobs -----------------------------------------------------------------------
+
+    def _blob(self, method: str, name: str, ident: str, ns: str | None, headers: Mapping[str, str]) -> Reply:
+        try:
+            digest = Digest.parse(ident)
+        except BadReferenceError:
+            return error(400, "DIGEST_INVALID", "invalid digest")
+        blob = self._find_blob(digest)
+        if blob is None and self.pull_through is not None:
+            blob = self._pull_blob(name, digest, ns)
+        if blob is None:
+            return error(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": str(digest)})
+        start, end = 0, blob.size
+        status = 200
+        head = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": str(digest),
+                "Accept-Ranges": "bytes"}
+        if "Range" in headers:
+            parsed = _parse_range(headers["Range"], blob.size)
+            if parsed is None:
+                return Reply(416, {"Content-Range": f"bytes */{blob.size}", "Content-Length": "0"})
+            start, end = parsed
+            status = 206
+            head["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+        head["Content-Length"] = str(end - start)
+        if method == "HEAD":
+            return Reply(status, head)
+        self.on_hit(None, "blob", end - start)
+        extent = blob.extent(digest, start, end)
+        if extent is not None:
+            return Reply(status, head, extent=extent)
+        return Reply(status, head, stream=blob.chunks(digest, start, end))
+
+    def _find_blob(self, digest: Digest) -> Blob | None:
+        self.index.refresh()
+        blob = self.index.blobs.get(digest)
+        if blob is None:
+            self.index.refresh(force=True)
+            blob = self.index.blobs.get(digest)
+        return blob
+
+    def _read(self, digest: Digest, blob: Blob) -> bytes:
+        if blob.path is not None:
+            return blob.path.read_bytes()
+        assert blob.volume is not None
+        return blob.volume.read_bytes(digest)
+
+    # -- pull-through and bookkeeping ---------------------------------------------------
+
+    def _upstream(self, name: str, ident: str, ns: str | None) -> reference.Reference | None:
+        if ns is None:
+            return None
+        sep = "@" if ident.startswith(("sha256:", "sha512:")) else ":"
+        try:
+            return reference.parse(f"{ns}/{name}{sep}{ident}")
+        except BadReferenceError:
+            return None
+
+    def _pull(self, name: str, ident: str, ns: str | None) -> bool:
+        """Pull a missed image into the store (pull-through); True if it is now there."""
+        ref = self._upstream(name, ident, ns or self.upstream)
+        if self.pull_through is None or ref is None:
+            return False
+        with self._pull_lock:
+            try:
+                self.pull_through.pull([ref])
+            except ImcError:
+                return False
+        self.index.refresh(force=True)
+        return True
+
+    def _pull_blob(self, name: str, digest: Digest, ns: str | None) -> Blob | None:
+        """A blob miss with pull-through: fetch that blob alone into the store."""
+        registry = ns or self.upstream
+        if registry is None or self.pull_through is None:
+            return None
+        client = self.pull_through.registry(reference.parse(f"{registry}/{name}").api_host)
+        try:
+            with self.caches.store.pinning():
+                size = client.blob_size(name, digest)
+                self.caches.store.ensure_blob(digest, size, lambda sink: client.fetch_blob(name, digest, size, sink))
+        except ImcError:
+            return None
+        store = self.caches.store
+        return Blob(store.size(digest), "", path=store.blob_path(digest))
+
+    def _mark_used(self, cache: str | None) -> None:
+        """Record a hit on a cache, at most once a minute per cache (it is a write)."""
+        if cache is None:
+            return
+        now = time.monotonic()
+        if now - self._used.get(cache, -1e9) < 60:
+            return
+        self._used[cache] = now
+        try:
+            self.caches.mark_used(cache)
+        except NotFoundLocalError:
+            pass
+
+    def _tags(self, name: str, ns: str | None) -> Reply:
+        self.index.refresh()
+        tags = sorted({t.tag for t in self.index.tags if t.repository == name and t.tag
+                       and (ns is None or t.registry == ns)})
+        if not tags:
+            return error(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name})
+        return Reply(200, {"Content-Type": "application/json"}, json.dumps({"name": name, "tags": tags}).encode())
+
+
+def _valid_registry(text: str) -> bool:
+    try:
+        return reference.parse(f"{text}/x").registry == text
+    except BadReferenceError:
+        return False
+
+
+def _accepts_any(accept: str) -> bool:
+    return not any(t.strip().split(";")[0] in (*MANIFEST_TYPES, *INDEX_TYPES) for t in accept.split(","))
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """A single ``bytes=a-b`` range as [start, end); None if unsatisfiable or malformed."""
+    m = _RANGE_RE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    if m.group(1):
+        start = int(m.group(1))
+        end = min(int(m.group(2)) + 1, size) if m.group(2) else size
+    else:
+        start, end = max(size - int(m.group(2)), 0), size
+    if start >= size or start >= end:
+        return None
+    return start, end
+
