@@ -320,7 +320,8 @@ class Caches:
         except NotFoundLocalError:
             pass  # deleted while building: nothing left to report to
         except (ImcError, OSError) as e:
-            self._fail(name, getattr(e, "message", None) or f"{type(e).__name__}: {e}")
+            self._fail(name, getattr(e, "message", None) or f"{type(e).__name__}: {e}",
+                       fatal=isinstance(e, CapacityError))
         except BaseException:
             self._fail(name, "the build was interrupted")
             raise
@@ -337,7 +338,10 @@ class Caches:
         keychain = Keychain([self.secrets.load(s) for s in spec.image_pull_secrets])
         policy = HostPolicy(frozenset(spec.plain_http), frozenset(spec.insecure))
         sources = self._reuse_sources(name) if spec.reuse else []
-        span = (5, 90) if spec.flash else (5, 80)
+        # Flash makes a new cache usable from staging; an update keeps serving the old
+        # volume until the new one is packed, so it has nothing to gain from it.
+        early = spec.flash and cache.phase == CREATING
+        span = (5, 90) if early else (5, 80)
         puller = Puller(self.store, policy, keychain, self.platform, self.concurrency,
                         on_event=_BuildProgress(self, name, span, on_pull), sources=sources)
         self._record(name, lambda c: c.event("Pulling", f"pulling {len(spec.images)} images"))
@@ -356,27 +360,27 @@ class Caches:
             self._record(name, staged)
         capacity = spec.size_gib * GIB
         blobs = self._blobs(resolved)
+        if early:
+            # Usable now if the layers' own size headers fit; the exact count follows.
+            declared = sum(volumes.declared_unpacked_size(self.store, b) for b in blobs)
+            self._check_capacity(declared, spec.size_gib)
+
+            def flash_ready(c: ImageCache) -> None:
+                c.images = resolved
+                c.enter(READY)
+                c.volume_state = "packing"
+                c.event("FlashReady", "usable now from local staging; packing the volume in the background")
+
+            self._record(name, flash_ready)
         # Count up to twice the size: enough to say how much is needed, while a
         # decompression bomb costs at most that much work.
-        limit = 2 * capacity
-        unpacked = self._unpacked_size(blobs, limit)
-        if unpacked > limit:
-            raise CapacityError(f"the images need more than {limit // GIB} GiB unpacked, more than twice the "
-                                f"cache's imageCacheSize of {spec.size_gib} GiB")
-        if unpacked > capacity:
-            raise CapacityError(f"the images need {unpacked / GIB:.2f} GiB unpacked, more than the cache's "
-                                f"imageCacheSize of {spec.size_gib} GiB; use a size of at least "
-                                f"{-(-unpacked // GIB)} GiB")
+        unpacked = self._unpacked_size(blobs, 2 * capacity)
+        self._check_capacity(unpacked, spec.size_gib)
 
         def checked(c: ImageCache) -> None:
             c.unpacked_bytes = unpacked
             c.set_progress(span[1])
             c.event("CapacityChecked", f"{unpacked} bytes unpacked fit {spec.size_gib} GiB")
-            if spec.flash:
-                c.images = resolved
-                c.enter(READY)
-                c.volume_state = "packing"
-                c.event("FlashReady", "usable now from local staging; packing the volume in the background")
 
         cache = self._record(name, checked)
         generation = cache.generation + 1
@@ -384,7 +388,7 @@ class Caches:
         meta = {"cache": name, "id": cache.id, "generation": generation,
                 "images": [{"name": i.name, "digest": i.digest, "mediaType": i.media_type, "index": i.index,
                             "indexMediaType": i.index_media_type, "platform": i.platform} for i in resolved]}
-        if not spec.flash:
+        if not early:
             self._record(name, lambda c: setattr(c, "volume_state", "packing" if c.volume is None else c.volume_state))
         vol = volumes.pack(self.store, blobs, path, capacity, meta, on_progress=self._pack_progress(name, span[1]))
         try:
@@ -395,6 +399,17 @@ class Caches:
         for old in self.volumes.glob(f"{cache.id}-*.imcv"):
             if old != path:
                 old.unlink(missing_ok=True)  # the previous generation, now replaced
+
+    @staticmethod
+    def _check_capacity(unpacked: int, size_gib: int) -> None:
+        capacity = size_gib * GIB
+        if unpacked > 2 * capacity:
+            raise CapacityError(f"the images need more than {2 * size_gib} GiB unpacked, more than twice the "
+                                f"cache's imageCacheSize of {size_gib} GiB")
+        if unpacked > capacity:
+            raise CapacityError(f"the images need {unpacked / GIB:.2f} GiB unpacked, more than the cache's "
+                                f"imageCacheSize of {size_gib} GiB; use a size of at least "
+                                f"{-(-unpacked // GIB)} GiB")
 
     def _switch_to_volume(self, c: ImageCache, vol: Volume, resolved: list[ResolvedImage], generation: int) -> None:
         flash_release = c.phase == READY and c.volume_state == "packing"
@@ -423,13 +438,18 @@ class Caches:
 
         return report
 
-    def _fail(self, name: str, reason: str) -> ImageCache:
-        """Record a failed build in the phase it deserves, keeping what still serves."""
+    def _fail(self, name: str, reason: str, fatal: bool = False) -> ImageCache:
+        """Record a failed build in the phase it deserves, keeping what still serves.
+
+        ``fatal`` failures (the images do not fit) fail a flash cache that was already
+        usable from staging: it could never be packed.
+        """
         now = self.clock()
 
         def failed(c: ImageCache) -> None:
             c.message = reason
-            if c.phase == CREATING:
+            if c.phase == CREATING or (fatal and c.phase == READY and c.volume_state == "packing"):
+                c.volume_state = "none" if c.volume is None else c.volume_state
                 c.enter(FAILED, now)
                 c.pinned = []
                 c.expire = rfc3339(now + FAILED_RETENTION)

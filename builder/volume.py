@@ -1183,3 +1183,28 @@ def unpacked_size(store: Store, desc: Descriptor, limit: int | None = None) -> i
     except OSError as e:
         raise StoreError(f"cannot record the unpacked size of {desc.digest}: {e.strerror}") from None
     return count
+
+
+def declared_unpacked_size(store: Store, desc: Descriptor) -> int:
+    """What a layer says its uncompressed size is, without decompressing it.
+
+    The gzip ISIZE trailer (exact below 4 GiB) or the first zstd frame's content size;
+    a layer already counted by ``unpacked_size`` answers from that cache. It is an
+    estimate a crafted layer can lie in, so it only gates what can be checked fast
+    (a flash cache's early readiness); ``unpacked_size`` is the real count.
+    """
+    compression = layer_compression(desc.media_type)
+    if compression not in ("gzip", "zstd"):
+        return desc.size
+    with contextlib.suppress(OSError, ValueError):
+        return int(_unpacked_cache(store, desc.digest).read_bytes())
+    try:
+        with store.open_blob(desc.digest) as f:
+            if compression == "gzip":
+                f.seek(-4, os.SEEK_END)
+                return max(int.from_bytes(f.read(4), "little"), desc.size)
+            params = zstandard.get_frame_parameters(f.read(18))
+    except (OSError, zstandard.ZstdError):
+        return desc.size
+    declared = params.content_size
+    return max(declared, desc.size) if declared not in (0, zstandard.CONTENTSIZE_UNKNOWN) else desc.size

@@ -294,12 +294,16 @@ def test_duplicate_name_is_refused(tmp_path: Path, plain_registry: Any) -> None:
     assert caches.get("dup") == first
 
 
-def _push_zstd_bomb(endpoint: Any, gib: int) -> str:
-    """An image whose one zstd layer unpacks to ``gib`` GiB of zeros in under 1 MB."""
+def _push_zstd_bomb(endpoint: Any, gib: int, declare: bool = True) -> str:
+    """An image whose one zstd layer unpacks to ``gib`` GiB of zeros in under 1 MB;
+    its frame header declares that size unless ``declare`` is False."""
     block = 128 << 10
     frame = bytearray(b"\x28\xb5\x2f\xfd")  # zstd magic
-    frame += bytes([0b1100_0000, 7 << 3])  # 8-byte content size; window 2^(10+7) = one block
-    frame += (gib << 30).to_bytes(8, "little")
+    if declare:
+        frame += bytes([0b1100_0000, 7 << 3])  # 8-byte content size; window 2^(10+7) = one block
+        frame += (gib << 30).to_bytes(8, "little")
+    else:
+        frame += bytes([0, 7 << 3])  # no content size
     count = (gib << 30) // block
     rle = (block << 3) | (1 << 1)  # block type RLE, size 128 KiB
     for i in range(count):
@@ -322,8 +326,9 @@ def _push_zstd_bomb(endpoint: Any, gib: int) -> str:
             path = Path(tmp) / "blob"
             path.write_bytes(data)
             client.push_blob("fixtures/bomb", imagegen.sha256_digest(data), len(data), path)
-    client.put_manifest("fixtures/bomb", f"{gib}g", manifest, imagegen.OCI_MANIFEST)
-    return f"fixtures/bomb:{gib}g"
+    tag = f"{gib}g" if declare else f"{gib}g-undeclared"
+    client.put_manifest("fixtures/bomb", tag, manifest, imagegen.OCI_MANIFEST)
+    return f"fixtures/bomb:{tag}"
 
 
 def test_images_larger_than_the_size_fail_before_packing(tmp_path: Path, plain_registry: Any) -> None:
@@ -333,6 +338,17 @@ def test_images_larger_than_the_size_fail_before_packing(tmp_path: Path, plain_r
     assert "need" in result.message and "imageCacheSize of 20 GiB" in result.message
     assert "at least 22 GiB" in result.message
     assert volume_files(tmp_path) == []
+
+
+def test_flash_cache_whose_layers_understate_their_size_fails_after_all(tmp_path: Path, plain_registry: Any) -> None:
+    """Flash readiness trusts the layers' size headers; the exact count that follows
+    still fails the cache (it could never be packed) and releases the staging copy."""
+    ref = _push_zstd_bomb(plain_registry, 21, declare=False)
+    result = build(Caches(tmp_path), "sneaky", spec(plain_registry, ref, flash=True))
+    reasons = [e.reason for e in result.events]
+    assert reasons.index("FlashReady") < reasons.index("Failed")
+    assert result.phase == "Failed" and "imageCacheSize of 20 GiB" in result.message
+    assert result.pinned == [] and result.source is None and volume_files(tmp_path) == []
 
 
 # -- YAML and the command line ------------------------------------------------------------------------------
