@@ -19,6 +19,7 @@ import datetime as dt
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -116,7 +117,13 @@ class CachesGcReport:
 
 
 class _BuildProgress:
-    """Turns pull events into cache progress and events, saving at most ~once a percent."""
+    """Turns pull events into cache progress and events.
+
+    Events are written as they happen; progress alone at most every ``SAVE_EVERY``
+    seconds, since each write is a database transaction taken on a download thread.
+    """
+
+    SAVE_EVERY = 0.5
 
     def __init__(self, caches: Caches, name: str, span: tuple[int, int],
                  forward: Callable[[PullEvent], None] | None) -> None:
@@ -126,34 +133,42 @@ class _BuildProgress:
         self.total = 0
         self.done = 0
         self.saved = -1
+        self.saved_at = 0.0
         self.lock = threading.Lock()
 
     def __call__(self, ev: PullEvent) -> None:
         if self.forward:
             self.forward(ev)
         with self.lock:
+            event: tuple[str, str] | None = None
             if ev.kind == "planned":
                 self.total = ev.size
                 return
             if ev.kind == "resolved":
-                self.caches._record(self.name, lambda c: c.event("ImageResolved", f"{ev.image} resolved to {ev.digest}"))
-                return
-            if ev.kind == "blob-bytes":
+                event = ("ImageResolved", f"{ev.image} resolved to {ev.digest}")
+            elif ev.kind == "blob-bytes":
                 self.done += ev.bytes
             elif ev.kind == "blob-done":
                 if ev.reused:
                     self.done += ev.size
                     what = "already in the store" if ev.origin == "store" else f"copied from {ev.origin}"
-                    message, reason = f"blob {ev.digest} ({ev.size} bytes) reused: {what}", "LayerReused"
+                    event = ("LayerReused", f"blob {ev.digest} ({ev.size} bytes) reused: {what}")
                 else:
-                    message, reason = f"blob {ev.digest} ({ev.size} bytes) fetched from the registry", "LayerFetched"
-                self.caches._record(self.name, lambda c: c.event(reason, message))
+                    event = ("LayerFetched", f"blob {ev.digest} ({ev.size} bytes) fetched from the registry")
             else:
                 return
             percent = self.low + (self.high - self.low) * self.done // max(self.total, 1)
-            if percent > self.saved:
-                self.saved = percent
-                self.caches._record(self.name, lambda c: c.set_progress(percent))
+            now = time.monotonic()
+            if event is None and (percent <= self.saved or now - self.saved_at < self.SAVE_EVERY):
+                return
+            self.saved, self.saved_at = max(self.saved, percent), now
+
+            def apply(c: ImageCache) -> None:
+                if event is not None:
+                    c.event(*event)
+                c.set_progress(percent)
+
+            self.caches._record(self.name, apply)
 
 
 class Caches:

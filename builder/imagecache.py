@@ -501,6 +501,9 @@ class CacheDB:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
             db.execute("PRAGMA busy_timeout=60000")
+            # WAL with synchronous=NORMAL: a commit survives any process crash; only a
+            # power loss can drop the last commits (never corrupt the database).
+            db.execute("PRAGMA synchronous=NORMAL")
             yield db
         finally:
             db.close()
