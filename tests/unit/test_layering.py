@@ -1,0 +1,59 @@
+"""The module layering DESIGN.md describes: each module imports only modules above it.
+
+Data flows one way (references → registry → store → pulls → volumes → caches →
+matcher → server → CLI); an import that points back up the list is a design change,
+and this test makes it a deliberate one.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "builder"
+
+LAYERS = [
+    "errors", "digest", "reference", "oci",
+    "registry.hosts", "registry.auth", "registry.client",
+    "store", "pull", "volume", "imagecache", "caches", "artifact", "matcher",
+    "server.metrics", "server.registry", "server.api", "server.app",
+    "cli",
+]
+
+
+def layer_of(module: str) -> int:
+    """The position of ``builder.<module>`` in LAYERS (sub-modules share their package's)."""
+    for i in range(len(LAYERS) - 1, -1, -1):
+        if module == LAYERS[i] or module.startswith(LAYERS[i] + "."):
+            return i
+    raise AssertionError(f"builder.{module} is not placed in LAYERS: add it where it belongs")
+
+
+def builder_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("builder"):
+            base = node.module[len("builder."):] if node.module != "builder" else ""
+            for alias in node.names:
+                out.add(f"{base}.{alias.name}".strip(".") if not base else base)
+        elif isinstance(node, ast.Import):
+            out |= {a.name[len("builder."):] for a in node.names if a.name.startswith("builder.")}
+    return {m for m in out if m and m not in ("__version__",)}
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")
+                 or p.parent.name == "cli")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_only_up_the_layers(path: Path) -> None:
+    module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+    own = layer_of(module)
+    for imported in builder_imports(path):
+        if imported.startswith(module.split(".")[0] + ".") and module.startswith("cli"):
+            continue  # the CLI's own modules import each other
+        assert layer_of(imported) < own or imported.startswith(module), (
+            f"builder.{module} imports builder.{imported}, which is not above it")
