@@ -6,6 +6,7 @@ result. Every ``ImcError`` becomes one line on stderr and the error's exit code.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -13,15 +14,40 @@ from pathlib import Path
 import click
 
 from builder import __version__
-from builder.cli import cache_cmds, store_cmds
-from builder.cli.match_cmd import match
-from builder.cli.serve_cmd import serve
 from builder.cli.common import EXIT_USAGE, Context
 from builder.errors import ImcError
 from builder.store import default_home
 
+# Each command's module is imported only when the command runs (or --help lists
+# them): ``imc pull`` need not load the server, the volumes or SQLite.
+COMMANDS = {
+    "pull": "builder.cli.store_cmds:pull",
+    "layers": "builder.cli.store_cmds:layers",
+    "gc": "builder.cli.store_cmds:gc",
+    "secret": "builder.cli.store_cmds:secret",
+    "cache": "builder.cli.cache_cmds:cache",
+    "apply": "builder.cli.cache_cmds:apply",
+    "volume": "builder.cli.cache_cmds:volume",
+    "config": "builder.cli.cache_cmds:config",
+    "match": "builder.cli.match_cmd:match",
+    "serve": "builder.cli.serve_cmd:serve",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group whose commands live in modules loaded on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, _, attr = COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="imc")
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="IMC_HOME",
               help="imc's data directory (default: $IMC_HOME or ~/.local/share/imc).")
@@ -33,11 +59,6 @@ def cli(ctx: click.Context, home: Path | None, verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = Context(home or default_home())
 
-
-
-for command in (store_cmds.pull, store_cmds.layers, store_cmds.gc, store_cmds.secret, cache_cmds.cache,
-                cache_cmds.apply, cache_cmds.volume, cache_cmds.config, match, serve):
-    cli.add_command(command)
 
 
 def main() -> None:

@@ -8,16 +8,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from builder.caches import Caches
-from builder.digest import Digest
-from builder.imagecache import Event
-from builder.pull import PullEvent, PullResult
 from builder.registry.auth import Keychain, SecretStore
 from builder.store import Store
+
+if TYPE_CHECKING:
+    from builder.caches import Caches
+    from builder.digest import Digest
+    from builder.imagecache import Event
+    from builder.pull import PullEvent, PullResult
 
 EXIT_USAGE = 2
 
@@ -59,6 +61,8 @@ class Context:
 
     @property
     def caches(self) -> Caches:
+        from builder.caches import Caches  # loaded only by the commands that use caches
+
         return Caches(self.home, self.store)
 
 

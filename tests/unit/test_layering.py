@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "builder"
 
 LAYERS = [
-    "errors", "digest", "reference", "oci",
+    "errors", "faults", "digest", "reference", "oci",
     "registry.hosts", "registry.auth", "registry.client",
     "store", "pull", "volume", "imagecache", "caches", "artifact", "matcher",
     "server.metrics", "server.registry", "server.api", "server.app",
