@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
-import ctypes.util
 import datetime
 import errno
 import fcntl
@@ -77,6 +75,7 @@ from typing import Any, BinaryIO, cast
 
 import zstandard
 
+from builder import faults
 from builder.digest import Digest
 from builder.errors import (
     BadReferenceError,
@@ -98,7 +97,7 @@ from builder.oci import (
     Descriptor,
     layer_compression,
 )
-from builder.store import LAYOUT_VERSION, REF_NAME, Store, write_atomic
+from builder.store import LAYOUT_VERSION, REF_NAME, Store, start_writeback, write_atomic
 
 MAGIC = b"IMCVOL"
 VERSION = 1
@@ -513,22 +512,6 @@ def _encoding_for(media_type: str) -> str:
     return RAW if layer_compression(media_type) in ("gzip", "zstd") else ZSTD
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux), which the os module does not expose."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-_sync_file_range = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
 def _write_all(fd: int, data: Any, offset: int) -> None:
     """Write all of ``data`` at ``offset``, and start its writeback at once.
 
@@ -542,8 +525,7 @@ def _write_all(fd: int, data: Any, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
-    if _sync_file_range is not None and length:
-        _sync_file_range(fd, start, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors are moot
+    start_writeback(fd, start, length)
 
 
 class _Cancelled(Exception):
@@ -626,6 +608,8 @@ class _Packer:
         if now != self._reported:
             self._reported = now
             self.on_progress(PackProgress(now[0], len(self.descs), now[1], self.total))
+        if 0 < now[0] < len(self.descs):
+            faults.checkpoint("pack-midway")
 
     # raw blobs: fixed offsets, copied by worker threads
 
