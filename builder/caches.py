@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from builder import faults
 from builder import volume as volumes
 from builder.digest import Digest
 from builder.errors import CacheStateError, CapacityError, ImcError, NotFoundLocalError
@@ -373,6 +374,7 @@ class Caches:
                         f"{result.bytes_reused} bytes in {result.blobs_reused} blobs")
 
             self._record(name, staged)
+        faults.checkpoint("pulled")
         capacity = spec.size_gib * GIB
         blobs = self._blobs(resolved)
         if early:
@@ -387,6 +389,7 @@ class Caches:
                 c.event("FlashReady", "usable now from local staging; packing the volume in the background")
 
             self._record(name, flash_ready)
+            faults.checkpoint("flash-ready")
         # Count up to twice the size: enough to say how much is needed, while a
         # decompression bomb costs at most that much work.
         unpacked = self._unpacked_size(blobs, 2 * capacity)
@@ -405,12 +408,14 @@ class Caches:
                             "indexMediaType": i.index_media_type, "platform": i.platform} for i in resolved]}
         if not early:
             self._record(name, lambda c: setattr(c, "volume_state", "packing" if c.volume is None else c.volume_state))
+        faults.checkpoint("packing")
         vol = volumes.pack(self.store, blobs, path, capacity, meta, on_progress=self._pack_progress(name, span[1]))
         try:
             self._record(name, lambda c: self._switch_to_volume(c, vol, resolved, generation))
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        faults.checkpoint("switched")
         for old in self.volumes.glob(f"{cache.id}-*.imcv"):
             if old != path:
                 old.unlink(missing_ok=True)  # the previous generation, now replaced
