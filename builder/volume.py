@@ -97,7 +97,7 @@ from builder.oci import (
     Descriptor,
     layer_compression,
 )
-from builder.store import LAYOUT_VERSION, REF_NAME, Store, start_writeback, write_atomic
+from builder.store import LAYOUT_VERSION, REF_NAME, Store, fsync_dir, start_writeback, write_atomic
 
 MAGIC = b"IMCVOL"
 VERSION = 1
@@ -821,7 +821,7 @@ def pack(store: Store, blobs: Sequence[Descriptor], path: Path, capacity: int, m
         finally:
             os.close(fd)
         os.replace(partial, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         packer.report()
     except OSError as e:
         _remove(partial)
@@ -862,14 +862,6 @@ def _claim_partial(partial: Path) -> int:
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- OCI archive export --------------------------------------------------------------
@@ -986,7 +978,7 @@ def export_oci_archive(volume: Volume, out: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except OSError as e:
         _remove(partial)
         raise StoreError(f"cannot write OCI archive {out}: {e.strerror or e}") from None
