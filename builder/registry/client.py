@@ -176,7 +176,9 @@ class Registry:
         except requests.exceptions.ConnectionError as e:
             text = str(e)
             if "NameResolution" in text or "Name or service not known" in text or "nodename" in text:
-                raise TransportError(f"cannot resolve registry host {host}") from None
+                err = TransportError(f"cannot resolve registry host {host}")
+                err.temporary = False  # a name that does not resolve will not start to on a retry
+                raise err from None
             if "Connection refused" in text:
                 raise TransportError(f"cannot connect to {host}: connection refused") from None
             raise TransportError(f"connection to {host} failed: {type(e).__name__}") from None
