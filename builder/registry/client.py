@@ -463,9 +463,12 @@ class Registry:
                 sink.reset()
                 raise TransportError(f"{self.endpoint}: blob {digest.short} resumed at the wrong offset")
             raw = resp.raw
+            # read1 hands over what has arrived: a connection that stalls or dies keeps
+            # every byte received before it (read would drop a partly filled chunk).
+            read = getattr(raw, "read1", None) or raw.read
             try:
                 while sink.offset < size:
-                    chunk = raw.read(min(CHUNK, size - sink.offset), decode_content=False)
+                    chunk = read(min(CHUNK, size - sink.offset), decode_content=False)
                     if not chunk:
                         break
                     sink.write(chunk)
