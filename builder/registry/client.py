@@ -4,6 +4,16 @@ One ``Registry`` talks to one endpoint. It owns the whole exchange so that the r
 imc never sees requests or ssl: auth challenges and token refresh, retries with
 backoff (5xx, 429 with Retry-After, dropped connections), timeouts on every request,
 and redirects followed by hand so that credentials never leave the registry's host.
+
+Pushing (``Registry(..., push=True)``) asks for ``repository:NAME:pull,push`` tokens
+and adds blob uploads (monolithic, or chunked with PATCH and ``Content-Range``), a
+blob existence check, and manifest PUT. A chunked upload that loses its connection
+asks the registry where the session stands (GET on the upload URL answers
+``Range: 0-N``) and goes on from there; a registry that forgot or cancelled the
+session (registry:2 cancels one whose PATCH was cut mid-body: its upload URL carries
+the offset in a signed ``_state``, which no longer matches) gets a new session for
+that blob. We do not use oras-py for this: its single token is reused across
+repositories and never refreshed, and its session is not thread-safe (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from builder.errors import (
     DigestMismatchError,
     NotFoundError,
     RegistryError,
+    StoreError,
     TLSError,
     TransportError,
     UnsupportedError,
@@ -42,6 +53,9 @@ log = logging.getLogger(__name__)
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
 CHUNK = 1 << 20
+UPLOAD_CHUNK = 16 << 20
+"""Bytes per PATCH of a chunked upload: what a registry that keeps sessions loses at
+most when a connection drops, against one round trip per chunk."""
 USER_AGENT = f"imc/{__version__}"
 _REDIRECTS = {301, 302, 303, 307, 308}
 
@@ -116,8 +130,10 @@ class Registry:
         tokens: TokenCache | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        push: bool = False,
     ) -> None:
         self.endpoint = endpoint
+        self.push = push
         self.policy = policy or HostPolicy()
         self.keychain = keychain or Keychain()
         self.tokens = tokens or TokenCache()
@@ -154,12 +170,13 @@ class Registry:
                     f"--plain-http {self.endpoint} (plain HTTP)")
         return ""
 
-    def _send(self, method: str, url: str, headers: dict[str, str], stream: bool) -> requests.Response:
+    def _send(self, method: str, url: str, headers: dict[str, str], stream: bool,
+              data: bytes | None = None) -> requests.Response:
         """One HTTP exchange, with library errors translated to ours."""
         host = urlsplit(url).netloc
         try:
             return self._session().request(
-                method, url, headers=headers, stream=stream, allow_redirects=False,
+                method, url, headers=headers, stream=stream, allow_redirects=False, data=data,
                 timeout=self.retry.timeout, verify=self.policy.verify(host),
             )
         except requests.exceptions.SSLError as e:
@@ -195,7 +212,7 @@ class Registry:
             return self._creds
 
     def _scope(self, repository: str) -> str:
-        return f"repository:{repository}:pull"
+        return f"repository:{repository}:{'pull,push' if self.push else 'pull'}"
 
     def _token_key(self, challenge: Challenge, scope: str) -> tuple[str, str, str]:
         return (challenge.params.get("realm", ""), challenge.params.get("service", ""), scope)
@@ -287,15 +304,20 @@ class Registry:
 
     def _request(
         self, method: str, path: str, repository: str | None, headers: dict[str, str] | None = None,
-        stream: bool = False,
+        stream: bool = False, data: bytes | None = None, retry: bool = True,
     ) -> requests.Response:
-        """Send with auth, follow redirects safely, and retry what is temporary."""
+        """Send with auth, follow redirects safely, and retry what is temporary.
+
+        ``path`` is a path on the registry or an absolute URL it handed out (an upload
+        location). ``retry=False`` is for requests that change state on the server
+        (a PATCH): whether to send them again is the caller's decision.
+        """
         failures = 0
         while True:
             try:
-                resp = self._request_once(method, path, repository, dict(headers or {}), stream)
+                resp = self._request_once(method, path, repository, dict(headers or {}), stream, data)
             except (TransportError, RegistryError) as e:
-                if not getattr(e, "temporary", False) or isinstance(e, TLSError):
+                if not retry or not getattr(e, "temporary", False) or isinstance(e, TLSError):
                     raise
                 failures += 1
                 if failures >= self.retry.attempts:
@@ -309,9 +331,10 @@ class Registry:
         return min(self.retry.max_backoff, self.retry.backoff * (2 ** (failures - 1)))
 
     def _request_once(
-        self, method: str, path: str, repository: str | None, headers: dict[str, str], stream: bool
+        self, method: str, path: str, repository: str | None, headers: dict[str, str], stream: bool,
+        data: bytes | None = None,
     ) -> requests.Response:
-        url = self.base + path
+        url = path if path.startswith(("http://", "https://")) else self.base + path
         auth = self._auth_header(repository)
         answered = False
         for _ in range(6):
@@ -319,7 +342,7 @@ class Registry:
             on_registry = urlsplit(url).netloc.lower() == self.endpoint.lower()
             if auth and on_registry:
                 send_headers["Authorization"] = auth
-            resp = self._send(method, url, send_headers, stream)
+            resp = self._send(method, url, send_headers, stream, data)
             if resp.status_code == 401 and on_registry and not answered:
                 resp.close()
                 auth = self._answer_challenge(resp, repository, auth)
@@ -344,7 +367,7 @@ class Registry:
         codes, message = _error_codes(resp) if resp.request.method != "HEAD" else ((), "")
         resp.close()
         detail = f" ({', '.join(codes)}{': ' + message if message else ''})" if codes else ""
-        where = f"{self.endpoint}{path}"
+        where = f"{self.endpoint}{urlsplit(path).path if '://' in path else path}"  # never an upload's _state
         if status == 401:
             raise AuthError(f"{where}: authentication failed (401){detail}", status, codes)
         if status == 403:
@@ -491,3 +514,192 @@ class Registry:
         if not length.isdigit():
             raise RegistryError(f"{self.endpoint}: no Content-Length for blob {digest.short}")
         return int(length)
+
+    # -- pushing -------------------------------------------------------------------
+
+    def blob_exists(self, repository: str, digest: Digest) -> bool:
+        """HEAD a blob: True when the registry holds it (a push skips it then)."""
+        try:
+            self._request("HEAD", f"/v2/{repository}/blobs/{digest}", repository).close()
+        except NotFoundError:
+            return False
+        return True
+
+    def _location(self, resp: requests.Response, what: str) -> str:
+        """The absolute upload URL a registry answered with."""
+        location = resp.headers.get("Location")
+        if not location:
+            raise RegistryError(f"{self.endpoint}: {what} answered {resp.status_code} without a Location")
+        return urljoin(resp.url or self.base, location)
+
+    def _start_upload(self, repository: str) -> str:
+        """POST a new upload session; its URL."""
+        resp = self._request("POST", f"/v2/{repository}/blobs/uploads/", repository)
+        resp.close()
+        if resp.status_code != 202:
+            raise RegistryError(f"{self.endpoint}: starting an upload to {repository} answered {resp.status_code}",
+                                resp.status_code)
+        return self._location(resp, "starting an upload")
+
+    @staticmethod
+    def _with_digest(location: str, digest: Digest) -> str:
+        parts = urlsplit(location)
+        query = f"{parts.query}&" if parts.query else ""
+        return parts._replace(query=query + urlencode({"digest": str(digest)})).geturl()
+
+    def _finish_upload(self, repository: str, location: str, digest: Digest, data: bytes | None) -> None:
+        """PUT ``?digest=`` (with the last bytes, or none): the registry checks the digest
+        and the blob exists from then on."""
+        resp = self._request("PUT", self._with_digest(location, digest), repository,
+                             {"Content-Type": "application/octet-stream"}, data=data if data is not None else b"",
+                             retry=False)
+        resp.close()
+        if resp.status_code not in (201, 204):
+            raise RegistryError(f"{self.endpoint}: completing blob {digest.short} answered {resp.status_code}",
+                                resp.status_code)
+        claimed = resp.headers.get("Docker-Content-Digest")
+        if claimed and claimed.strip() != str(digest):
+            raise DigestMismatchError(f"{self.endpoint}: blob {digest.short} was stored as {claimed}")
+
+    def upload_blob(self, repository: str, digest: Digest, data: bytes) -> None:
+        """A monolithic upload (POST, then PUT with the bytes): for blobs small enough
+        that sending them again costs less than a round trip per chunk."""
+        failures = 0
+        lost = False
+        while True:
+            try:
+                if lost and self.blob_exists(repository, digest):
+                    return  # the PUT landed; only its answer was lost
+                self._finish_upload(repository, self._start_upload(repository), digest, data)
+                return
+            except (TransportError, RegistryError) as e:
+                if not _recoverable(e):
+                    raise
+                failures += 1
+                if failures >= self.retry.attempts:
+                    raise
+                lost = True
+                self._sleep(self._backoff(failures))
+
+    def upload_status(self, location: str, repository: str) -> tuple[str, int]:
+        """Where an upload session stands: its (fresh) URL and how many bytes it holds.
+
+        The registry answers ``Range: 0-N`` for N+1 bytes; registry:2 also answers
+        ``0-0`` for an empty session, so ``0-0`` is read as 0 and a PATCH at 0 that
+        the registry refuses (416) starts a new session instead.
+        """
+        resp = self._request("GET", location, repository)
+        resp.close()
+        text = resp.headers.get("Range", "").strip()
+        start, sep, end = text.removeprefix("bytes=").partition("-")
+        if not 200 <= resp.status_code < 300 or not sep or start != "0" or not end.isdigit():
+            raise RegistryError(f"{self.endpoint}: upload status answered {resp.status_code} with Range {text!r}",
+                                resp.status_code)
+        offset = int(end) + 1 if int(end) > 0 else 0
+        return self._location(resp, "upload status") if resp.headers.get("Location") else location, offset
+
+    def upload_blob_chunked(
+        self, repository: str, digest: Digest, size: int, read: Callable[[int, int], bytes],
+        chunk_size: int = UPLOAD_CHUNK, on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
+        """Upload ``size`` bytes (``read(offset, n)`` supplies them) in PATCH chunks.
+
+        After a dropped connection or a temporary error, the registry is asked where
+        the session stands and the upload goes on from that offset; a session the
+        registry no longer knows, or one whose bytes it rejected at the end, is
+        replaced by a new one for this blob. Gives up after ``retry.attempts``
+        failures in a row without reaching further into the blob than before.
+        Returns the bytes sent (resends included). ``on_bytes`` hears each chunk
+        accepted, and a negative count when a session is abandoned."""
+        sent = failures = offset = reached = 0
+        location: str | None = None
+        failed: Exception | None = None  # the last failure, until recovered from
+        finishing = False
+        while True:
+            try:
+                if failed is not None:
+                    if finishing and self.blob_exists(repository, digest):
+                        return sent  # the final PUT landed; only its answer was lost
+                    before = offset
+                    location, offset = self._resume_point(repository, location, failed)
+                    failed = None
+                    if on_bytes and offset != before:
+                        on_bytes(offset - before)
+                    log.info("%s: upload of %s goes on at %d of %d bytes", self.endpoint, digest.short, offset, size)
+                if location is None:
+                    location = self._start_upload(repository)
+                finishing = False
+                while offset < size:
+                    n = min(chunk_size, size - offset)
+                    data = read(offset, n)
+                    if len(data) != n:
+                        raise StoreError(f"blob {digest.short}: the source ended at {offset + len(data)} of "
+                                         f"{size} bytes")
+                    sent += n
+                    resp = self._request("PATCH", location, repository, {
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{offset}-{offset + n - 1}",
+                    }, data=data, retry=False)
+                    resp.close()
+                    if resp.status_code != 202:
+                        raise RegistryError(f"{self.endpoint}: PATCH of blob {digest.short} answered "
+                                            f"{resp.status_code}", resp.status_code, temporary=True)
+                    location = self._location(resp, "PATCH")
+                    offset += n
+                    if offset > reached:  # new ground, not bytes sent again after a restart
+                        reached, failures = offset, 0
+                    if on_bytes:
+                        on_bytes(n)
+                finishing = True
+                self._finish_upload(repository, location, digest, None)
+                return sent
+            except (TransportError, RegistryError, DigestMismatchError) as e:
+                if not _recoverable(e):
+                    raise
+                failures += 1
+                if failures >= self.retry.attempts:
+                    raise
+                failed = failed or e
+                self._sleep(self._backoff(failures))
+
+    def _resume_point(self, repository: str, location: str | None, error: Exception) -> tuple[str, int]:
+        """Where to go on after a failure: the session's own offset if the registry still
+        has it, else a new session from 0."""
+        rejected = isinstance(error, DigestMismatchError) or (
+            isinstance(error, RegistryError) and error.status in (400, 416))
+        if location is not None and not rejected:
+            try:
+                return self.upload_status(location, repository)
+            except NotFoundError:
+                pass  # the registry forgot or cancelled the session
+            except RegistryError as e:
+                if isinstance(e, AuthError) or e.temporary:
+                    raise
+        return self._start_upload(repository), 0
+
+    def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
+        """PUT a manifest's exact bytes under a tag (or digest); the digest the registry
+        stored it under must be the digest of those bytes."""
+        digest = Digest.of(raw)
+        resp = self._request("PUT", f"/v2/{repository}/manifests/{reference}", repository,
+                             {"Content-Type": media_type}, data=raw)
+        resp.close()
+        if resp.status_code not in (200, 201, 204):
+            raise RegistryError(f"{self.endpoint}: PUT manifest {repository}:{reference} answered {resp.status_code}",
+                                resp.status_code)
+        claimed = resp.headers.get("Docker-Content-Digest")
+        if claimed and claimed.strip() != str(digest):
+            raise DigestMismatchError(f"{self.endpoint}: manifest {repository}:{reference} was stored as {claimed}, "
+                                      f"its bytes hash to {digest}")
+        return digest
+
+
+def _recoverable(error: Exception) -> bool:
+    """Whether an upload may go on after ``error``: a dropped connection, a temporary
+    answer, or the registry refusing the session's state (unknown session, wrong
+    range, bytes that did not hash to the digest) - never TLS or auth."""
+    if isinstance(error, TLSError | AuthError):
+        return False
+    if isinstance(error, TransportError | DigestMismatchError):
+        return True
+    return isinstance(error, RegistryError) and (error.temporary or error.status in (400, 404, 416))
