@@ -12,7 +12,17 @@ import click
 import yaml
 
 from builder.caches import UNSET, BuildLease, Caches
-from builder.cli.common import Context, PullProgress, emit_json, human, output_option, pass_ctx
+from builder.cli.artifact_cmds import volume_pull, volume_push
+from builder.cli.common import (
+    Context,
+    PullProgress,
+    emit,
+    emit_json,
+    emit_yaml,
+    human,
+    output_option,
+    pass_ctx,
+)
 from builder.errors import ImcError, ValidationError
 from builder.imagecache import (
     FAILED,
@@ -34,10 +44,6 @@ class CacheFailed(ImcError):
     """A build that ended Failed or UpdateFailed, reported by ``--wait``."""
 
     exit_code = 12
-
-
-def emit_yaml(data: Any) -> None:
-    click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), nl=False)
 
 
 def age(created: str | None) -> str:
@@ -164,13 +170,12 @@ def cache_get(ctx: Context, name: str, output: str) -> None:
 
 @cache.command("events")
 @click.argument("name")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def cache_events(ctx: Context, name: str, output: str) -> None:
     """A cache's events, oldest first."""
     found = ctx.caches.get(name)
-    if output == "json":
-        emit_json(found.to_object()["status"]["events"])
+    if emit(found.to_object()["status"]["events"], output):
         return
     for e in found.events:
         click.echo(f"{e.time}  {e.type:<7}  {e.reason:<18}  {e.message}")
@@ -269,7 +274,11 @@ def apply(ctx: Context, filename: str, wait: bool, quiet: bool) -> None:
 
 @click.group()
 def volume() -> None:
-    """A cache's snapshot volume: inspect, verify, export."""
+    """A cache's snapshot volume: inspect, verify, export, and push or pull it through a registry."""
+
+
+volume.add_command(volume_push)
+volume.add_command(volume_pull)
 
 
 def open_volume(caches: Caches, name: str) -> Volume:
@@ -282,7 +291,7 @@ def open_volume(caches: Caches, name: str) -> Volume:
 
 @volume.command("inspect")
 @click.argument("name")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def volume_inspect(ctx: Context, name: str, output: str) -> None:
     """The volume's header and index: capacity, blobs, encodings, sizes."""
@@ -292,8 +301,7 @@ def volume_inspect(ctx: Context, name: str, output: str) -> None:
     info = {"path": str(vol.path), "created": vol.created, "capacityBytes": vol.capacity,
             "contentBytes": vol.content_bytes, "blobBytes": vol.blob_bytes, "images": vol.meta.get("images", []),
             "blobs": blobs}
-    if output == "json":
-        emit_json(info)
+    if emit(info, output):
         return
     click.echo(f"path:      {vol.path}\ncreated:   {vol.created}\ncapacity:  {human(vol.capacity)}\n"
                f"on disk:   {human(vol.content_bytes)} for {human(vol.blob_bytes)} of blobs")
@@ -343,15 +351,14 @@ def config() -> None:
 
 
 @config.command("get")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def config_get(ctx: Context, output: str) -> None:
+    """Every setting and its value."""
     settings = Settings.load(ctx.home)
     values = {k: getattr(settings, k) for k in Settings.keys()}
     values["max_auto_caches"] = settings.max_auto_caches
-    if output == "json":
-        emit_json(values)
-    else:
+    if not emit(values, output):
         for k, v in values.items():
             click.echo(f"{k} = {v}")
 

@@ -37,6 +37,24 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
+def emit_yaml(data: Any) -> None:
+    """YAML as kubectl prints it: keys in their own order, block style."""
+    import yaml  # loaded only by the commands that print YAML
+
+    click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), nl=False)
+
+
+def emit(data: Any, output: str) -> bool:
+    """Print ``data`` as JSON or YAML when ``-o`` asks for it; False means "render a table"."""
+    if output == "json":
+        emit_json(data)
+    elif output == "yaml":
+        emit_yaml(data)
+    else:
+        return False
+    return True
+
+
 def output_option(*choices: str) -> Callable:
     return click.option("-o", "--output", type=click.Choice(["table", *choices]), default="table",
                         show_default=True, help="Output format.")

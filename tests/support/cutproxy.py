@@ -95,3 +95,41 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+class UploadCutProxy(CutProxy):
+    """Like ``CutProxy``, but cuts the client → registry direction: once more than
+    ``cut_upload_after`` request bytes (heads and bodies) have gone through, it forwards
+    exactly that many and closes both sides, as a network failing mid-upload would.
+
+    ``bytes_up`` counts every request byte forwarded, so a test can tell an upload that
+    went on from where it stopped from one that started over.
+    """
+
+    def __init__(self, target: tuple[str, int], cut_upload_after: int) -> None:
+        super().__init__(target, cut_after=1 << 62)
+        self.cut_upload_after = cut_upload_after
+        self.upload_cut = False
+        self.bytes_up = 0
+
+    def _upstream_pump(self, client: socket.socket, upstream: socket.socket) -> None:
+        cutting = False
+        try:
+            while data := client.recv(65536):
+                with self._lock:
+                    if data[:8].split(b" ")[0] in (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE"):
+                        self.requests.append(data.decode("latin-1").split("\r\n\r\n")[0])
+                    cutting = not self.upload_cut and self.bytes_up + len(data) > self.cut_upload_after
+                    if cutting:
+                        self.upload_cut = True
+                        data = data[: self.cut_upload_after - self.bytes_up]
+                    self.bytes_up += len(data)
+                upstream.sendall(data)
+                if cutting:
+                    break
+        except OSError:
+            pass
+        finally:
+            _close(upstream)
+            if cutting:
+                _close(client)

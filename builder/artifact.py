@@ -1,0 +1,553 @@
+"""Image caches as OCI artifacts: push a Ready cache to a registry, pull it on another node.
+
+A fleet builds a cache once, pushes it, and every node pulls the artifact and serves it
+with ``imc serve`` without touching the images' own registries. The artifact is an
+OCI image manifest (``application/vnd.oci.image.manifest.v1+json``)::
+
+    artifactType  application/vnd.imc.snapshot.v1
+    config        application/vnd.imc.snapshot.config.v1+json
+                    the ImageCache object (``ImageCache.to_object()``) with its status
+                    reduced to what a receiver needs: phase, id, images with their
+                    digests, unpacked and volume sizes (no events, no local paths)
+    layers        application/vnd.imc.snapshot.volume.v1, one per part of the volume
+                    file, in order; part i holds bytes [offset, offset + size) of the
+                    volume, ``vnd.imc.volume.offset`` says which
+    annotations   vnd.imc.volume.size (the whole file), vnd.imc.cache.name,
+                  vnd.imc.cache.id, org.opencontainers.image.created
+
+Why parts, not one layer: registry:2 (distribution 2.8, measured) cancels an upload
+session whose PATCH was cut mid-body, because the session's offset travels signed in
+the upload URL and no longer matches the bytes it holds; so a single-layer volume
+would go up again from byte 0 after any dropped connection. With parts, a part that
+is already in the registry is skipped (HEAD), at most one part is sent again, a new
+``imc volume push`` after a crash picks up where the last one stopped, and a pull
+fetches parts in parallel, each resumed with Range. Within a part the upload is
+chunked (PATCH with Content-Range) and resumes from the offset the registry reports
+wherever the registry keeps the session. 64 MiB parts keep the manifest small (a
+32 GiB volume is 512 layers) while bounding what one failure costs.
+
+Pulling verifies the manifest and every part by digest, then the volume itself
+(``Volume.open`` and ``verify``), and only then registers a Ready cache; anything
+that fails leaves no record and no file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.caches import BuildLease, Caches
+from builder.digest import Digest
+from builder.errors import (
+    CacheStateError,
+    DigestMismatchError,
+    ImcError,
+    NotFoundLocalError,
+    StoreError,
+    UnsupportedError,
+    ValidationError,
+)
+from builder.imagecache import (
+    API_VERSION,
+    KIND,
+    READY,
+    Event,
+    ImageCache,
+    ResolvedImage,
+    VolumeInfo,
+    new_cache_id,
+    now_utc,
+    rfc3339,
+    spec_from_object,
+    validate_name,
+)
+from builder.oci import OCI_MANIFEST, Descriptor, detect_media_type
+from builder.reference import Reference
+from builder.reference import parse as parse_reference
+from builder.registry.auth import Keychain
+from builder.registry.client import UPLOAD_CHUNK, BlobSink, Registry, RetryPolicy
+from builder.registry.hosts import HostPolicy
+from builder.volume import Volume
+
+ARTIFACT_TYPE = "application/vnd.imc.snapshot.v1"
+CONFIG_TYPE = "application/vnd.imc.snapshot.config.v1+json"
+VOLUME_TYPE = "application/vnd.imc.snapshot.volume.v1"
+A_VOLUME_SIZE = "vnd.imc.volume.size"
+A_OFFSET = "vnd.imc.volume.offset"
+A_CACHE_NAME = "vnd.imc.cache.name"
+A_CACHE_ID = "vnd.imc.cache.id"
+A_TITLE = "org.opencontainers.image.title"
+A_CREATED = "org.opencontainers.image.created"
+
+PART_SIZE = 64 << 20
+MAX_CONFIG_BYTES = 1 << 20
+_READ = 4 << 20
+_ID_RE = re.compile(r"^imc-[a-z0-9]{1,40}\Z")
+
+
+@dataclass(frozen=True)
+class TransferEvent:
+    """Progress of a push or pull, for the CLI to render.
+
+    ``kind``: ``part-skipped`` (already in the registry), ``part-done``, ``bytes``
+    (``size`` more bytes moved; negative when a session was abandoned),
+    ``verifying`` (the pulled volume is being rehashed).
+    """
+
+    kind: str
+    part: int = 0
+    parts: int = 0
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What ``push_cache`` published."""
+
+    reference: str
+    digest: str
+    config_digest: str
+    volume_bytes: int
+    parts: int
+    parts_uploaded: int
+    parts_skipped: int
+    bytes_sent: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reference": self.reference, "digest": self.digest, "config": self.config_digest,
+                "volumeBytes": self.volume_bytes, "parts": self.parts, "partsUploaded": self.parts_uploaded,
+                "partsSkipped": self.parts_skipped, "bytesSent": self.bytes_sent}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A parsed imc snapshot artifact: its config and the volume's parts with offsets."""
+
+    digest: Digest
+    config: Descriptor
+    parts: tuple[tuple[Descriptor, int], ...]
+    volume_size: int
+
+
+Progress = Callable[[TransferEvent], None]
+
+
+def _registry(ref: Reference, policy: HostPolicy | None, keychain: Keychain | None, retry: RetryPolicy | None,
+              push: bool) -> Registry:
+    return Registry(ref.api_host, policy, keychain, retry=retry, push=push)
+
+
+# -- pushing ---------------------------------------------------------------------------
+
+
+def artifact_config(cache: ImageCache, volume: Volume) -> dict[str, Any]:
+    """The ImageCache object as the artifact carries it: spec and identity as they are,
+    the status cut down to what a receiver needs (no events, times or local paths)."""
+    obj = cache.to_object()
+    status = obj["status"]
+    obj["status"] = {
+        "phase": READY,
+        "imageCacheId": cache.id,
+        "images": status["images"],
+        "unpackedBytes": cache.unpacked_bytes,
+        "volume": {"contentBytes": volume.content_bytes, "blobBytes": volume.blob_bytes,
+                   "capacityBytes": volume.capacity},
+    }
+    return obj
+
+
+def _plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
+    return [(offset, min(part_size, size - offset)) for offset in range(0, size, part_size)] or [(0, 0)]
+
+
+def _pread(fd: int, offset: int, n: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    while len(data) < n:
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _hash_range(fd: int, offset: int, size: int) -> Digest:
+    h = hashlib.sha256()
+    pos = offset
+    while pos < offset + size:
+        data = _pread(fd, pos, min(_READ, offset + size - pos))
+        if not data:
+            raise StoreError(f"the volume ends at {pos} bytes, before {offset + size}")
+        h.update(data)
+        pos += len(data)
+    return Digest("sha256", h.hexdigest())
+
+
+def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy | None = None,
+               keychain: Keychain | None = None, *, part_size: int = PART_SIZE, chunk_size: int = UPLOAD_CHUNK,
+               retry: RetryPolicy | None = None, on_progress: Progress | None = None) -> PushResult:
+    """Publish a Ready cache's volume and record as an artifact at ``target`` (a tag).
+
+    The volume is verified first (a corrupt cache is never published), then cut into
+    parts; parts the registry already holds are skipped, the others are uploaded in
+    chunks with resume, and the manifest goes last, so the tag never names an
+    artifact whose blobs are not all there.
+    """
+    if target.digest is not None:
+        raise ValidationError(f"{target}: push to a tag, not a digest (the digest is known only after the push)")
+    if part_size < 1 or chunk_size < 1:
+        raise ValidationError("part and chunk sizes must be positive")
+    emit = on_progress or (lambda event: None)
+    cache = caches.get(name)
+    if cache.phase != READY or cache.volume is None or cache.volume_state != "ready":
+        raise CacheStateError(f"image cache {name} is {cache.phase} (volume {cache.volume_state}): only a Ready "
+                              "cache with a packed volume can be pushed")
+    path = Path(cache.volume.path)
+    try:
+        # Held for the whole push: a rebuild that replaces the file cannot change what we send.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"volume {path} cannot be read: {e.strerror}") from None
+    try:
+        volume = Volume.open(path)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            raise CacheStateError(f"the volume of {name} was replaced while the push started; push again")
+        report = volume.verify()
+        if not report.ok:
+            raise DigestMismatchError(f"volume of {name} is corrupt ({len(report.corrupt)} blobs do not verify); "
+                                      "rebuild the cache before pushing it")
+        size = os.fstat(fd).st_size
+        config = json.dumps(artifact_config(cache, volume), indent=1, sort_keys=False).encode()
+        config_desc = Descriptor(CONFIG_TYPE, Digest.of(config), len(config))
+        parts = [(offset, n, _hash_range(fd, offset, n)) for offset, n in _plan_parts(size, part_size)]
+        registry = _registry(target, policy, keychain, retry, push=True)
+        repo = target.repository
+        if not registry.blob_exists(repo, config_desc.digest):
+            registry.upload_blob(repo, config_desc.digest, config)
+        uploaded = skipped = sent = 0
+        layers = []
+        for i, (offset, n, digest) in enumerate(parts):
+            layers.append(Descriptor(VOLUME_TYPE, digest, n, annotations={
+                A_TITLE: f"{cache.id}.imcv.{i:04d}", A_OFFSET: str(offset)}))
+            if registry.blob_exists(repo, digest):
+                skipped += 1
+                emit(TransferEvent("part-skipped", i, len(parts), n))
+                continue
+
+            def read(pos: int, count: int, base: int = offset) -> bytes:
+                return _pread(fd, base + pos, count)
+
+            def moved(count: int) -> None:
+                emit(TransferEvent("bytes", 0, len(parts), count))
+
+            if n <= chunk_size:
+                registry.upload_blob(repo, digest, read(0, n))
+                sent += n
+                moved(n)
+            else:
+                sent += registry.upload_blob_chunked(repo, digest, n, read, chunk_size, on_bytes=moved)
+            uploaded += 1
+            emit(TransferEvent("part-done", i, len(parts), n))
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": ARTIFACT_TYPE,
+            "config": config_desc.to_json(),
+            "layers": [d.to_json() for d in layers],
+            "annotations": {A_VOLUME_SIZE: str(size), A_CACHE_NAME: cache.name, A_CACHE_ID: cache.id,
+                            A_CREATED: rfc3339(now_utc()) or ""},
+        }
+        raw = json.dumps(manifest, indent=1).encode()
+        digest = registry.put_manifest(repo, target.tag or "latest", raw, OCI_MANIFEST)
+    finally:
+        os.close(fd)
+    return PushResult(str(target), str(digest), str(config_desc.digest), size, len(parts), uploaded, skipped, sent)
+
+
+# -- pulling ---------------------------------------------------------------------------
+
+
+def parse_artifact(raw: bytes, header_type: str | None, what: str) -> Artifact:
+    """Read an imc snapshot artifact's manifest; ``UnsupportedError`` for anything
+    else (an ordinary image, an index, another kind of artifact) or a malformed one."""
+    media_type = detect_media_type(raw, header_type)
+    obj = json.loads(raw)
+    config_obj = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    config_type = config_obj.get("mediaType") if isinstance(config_obj, dict) else None
+    artifact_type = obj.get("artifactType")
+    if media_type != OCI_MANIFEST or config_type != CONFIG_TYPE or artifact_type not in (None, ARTIFACT_TYPE):
+        kind = artifact_type or config_type or media_type or "unknown content"
+        raise UnsupportedError(f"{what} is not an imc snapshot artifact (it is {kind}; want artifactType "
+                               f"{ARTIFACT_TYPE}): push one with 'imc volume push'")
+    layers = obj.get("layers")
+    try:
+        config = Descriptor.from_json(config_obj)
+        if not isinstance(layers, list) or not layers:
+            raise ValidationError("no volume layers")
+        parts = []
+        offset = 0
+        for layer in layers:
+            desc = Descriptor.from_json(layer)
+            if desc.media_type != VOLUME_TYPE:
+                raise ValidationError(f"layer {desc.digest} has media type {desc.media_type!r}, not {VOLUME_TYPE}")
+            declared = desc.annotations.get(A_OFFSET)
+            if declared is not None and declared != str(offset):
+                raise ValidationError(f"layer {desc.digest} says it starts at {declared}, not {offset}")
+            parts.append((desc, offset))
+            offset += desc.size
+        annotations = obj.get("annotations") if isinstance(obj.get("annotations"), dict) else {}
+        declared_size = annotations.get(A_VOLUME_SIZE)
+        if declared_size is not None and declared_size != str(offset):
+            raise ValidationError(f"the parts add up to {offset} bytes, the manifest says {declared_size}")
+    except ValidationError as e:
+        raise UnsupportedError(f"{what}: malformed imc snapshot artifact: {e.message}") from None
+    if config.size > MAX_CONFIG_BYTES:
+        raise UnsupportedError(f"{what}: config of {config.size} bytes exceeds the {MAX_CONFIG_BYTES}-byte cap")
+    return Artifact(Digest.of(raw), config, tuple(parts), offset)
+
+
+class _MemorySink:
+    """A small blob (the config) into memory, hashed as it arrives."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    @property
+    def offset(self) -> int:
+        return len(self.data)
+
+    def write(self, data: memoryview | bytes) -> None:
+        self.data += data
+
+    def reset(self) -> None:
+        self.data.clear()
+
+
+class _PartSink:
+    """One part of the volume, written at its place in the partial file and hashed."""
+
+    def __init__(self, fd: int, base: int, desc: Descriptor) -> None:
+        self.fd, self.base, self.desc = fd, base, desc
+        self._offset = 0
+        self._hash = desc.digest.hasher()
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def write(self, data: memoryview | bytes) -> None:
+        if self._offset + len(data) > self.desc.size:
+            raise DigestMismatchError(f"part {self.desc.digest} is longer than its {self.desc.size} bytes")
+        view = memoryview(data)
+        pos = self.base + self._offset
+        while view:
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
+        self._hash.update(data)
+        self._offset += len(data)
+
+    def reset(self) -> None:
+        self._offset = 0
+        self._hash = self.desc.digest.hasher()
+
+    def check(self) -> None:
+        if self._offset != self.desc.size or self._hash.hexdigest() != self.desc.digest.hex:
+            raise DigestMismatchError(f"part {self.desc.digest} does not verify: its bytes hash to "
+                                      f"sha256:{self._hash.hexdigest()}")
+
+
+def _fetch(registry: Registry, repository: str, desc: Descriptor, sink: BlobSink,
+           on_bytes: Callable[[int], None] | None = None) -> None:
+    registry.fetch_blob(repository, desc.digest, desc.size, sink, on_bytes)
+
+
+def _read_config(registry: Registry, source: Reference, artifact: Artifact) -> dict[str, Any]:
+    sink = _MemorySink()
+    _fetch(registry, source.repository, artifact.config, sink)
+    data = bytes(sink.data)
+    if Digest.of(data) != artifact.config.digest:
+        raise DigestMismatchError(f"{source}: config {artifact.config.digest} does not verify")
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict) or obj.get("apiVersion") != API_VERSION or obj.get("kind") != KIND:
+        raise UnsupportedError(f"{source}: the artifact's config is not an ImageCache object")
+    return obj
+
+
+def _resolved_images(volume: Volume, what: str) -> list[ResolvedImage]:
+    """The images a volume serves, from its meta, each checked to be in the volume and
+    to parse (the server indexes them by reference)."""
+    images = volume.meta.get("images")
+    if not isinstance(images, list) or not images:
+        raise UnsupportedError(f"{what}: the volume names no images")
+    out = []
+    try:
+        for image in images:
+            name = str(parse_reference(str(image["name"])))
+            digest = Digest.parse(str(image["digest"]))
+            index = Digest.parse(str(image["index"])) if image.get("index") else None
+            if not volume.has(digest) or (index and not volume.has(index)):
+                raise ValidationError(f"image {name} is not in the volume")
+            out.append(ResolvedImage(
+                name, str(digest), str(image.get("mediaType") or volume.entry(digest).media_type),
+                volume.entry(digest).size, str(index) if index else None,
+                str(image["indexMediaType"]) if index and image.get("indexMediaType") else None,
+                volume.entry(index).size if index else None,
+                str(image["platform"]) if image.get("platform") else None))
+    except (KeyError, TypeError, ImcError) as e:
+        raise UnsupportedError(f"{what}: the volume's image list is malformed: {getattr(e, 'message', e)}") from None
+    return out
+
+
+def _choose_id(caches: Caches, config: dict[str, Any]) -> str:
+    """The source cache's id when this home does not use it yet, so a pod that names
+    the cache by id (``eci-image-snapshot-id``) finds it on every node; else a new one."""
+    status = config.get("status") if isinstance(config.get("status"), dict) else {}
+    wanted = status.get("imageCacheId") or (config.get("metadata") or {}).get("uid")
+    if isinstance(wanted, str) and _ID_RE.match(wanted):
+        try:
+            caches.db.by_id(wanted)
+        except NotFoundLocalError:
+            return wanted
+    return new_cache_id()
+
+
+def _reserve(fd: int, size: int, where: Path) -> None:
+    """Claim the volume's space up front: a full disk fails now, with a clear error."""
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise StoreError(f"no space left in {where} for a volume of {size} bytes") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise StoreError(f"cannot write in {where}: {e.strerror}") from None
+        os.ftruncate(fd, size)
+
+
+def pull_cache(caches: Caches, source: Reference, policy: HostPolicy | None = None,
+               keychain: Keychain | None = None, *, name: str | None = None, retry: RetryPolicy | None = None,
+               concurrency: int = 4, on_progress: Progress | None = None) -> ImageCache:
+    """Fetch the artifact at ``source``, verify it, and register it as a Ready cache.
+
+    The name is ``name`` or the pushed cache's; it must be free. Every part is
+    verified as it arrives, the volume as a whole before it is registered. The
+    cache's id is kept when free here (see ``_choose_id``). Nothing is left behind
+    on failure: no record, no partial file.
+    """
+    emit = on_progress or (lambda event: None)
+    registry = _registry(source, policy, keychain, retry, push=False)
+    fetched = registry.get_manifest(source.repository, source.identifier, source.digest)
+    artifact = parse_artifact(fetched.raw, fetched.media_type, str(source))
+    config = _read_config(registry, source, artifact)
+    try:
+        pushed_name, spec, _ = spec_from_object(config)
+    except ValidationError as e:
+        raise UnsupportedError(f"{source}: the artifact's ImageCache object is invalid: {e.message}") from None
+    name = validate_name(name or pushed_name)
+    try:
+        caches.db.get(name)
+    except NotFoundLocalError:
+        pass  # free: checked now so that nothing is downloaded for a name that cannot be used
+    else:
+        raise ValidationError(f"name {name!r}: an image cache with this name already exists (pass --name)")
+    cache_id = _choose_id(caches, config)
+    try:
+        lease = BuildLease(caches._lease_path(cache_id))  # gc leaves a leased cache's files alone
+    except CacheStateError:
+        raise CacheStateError(f"image cache id {cache_id} is being imported or built by another process") from None
+    generation = 1
+    final = caches.volumes / f"{cache_id}-{generation}.imcv"
+    partial = final.with_name(final.name + ".partial")
+    try:
+        _download(registry, source, artifact, partial, concurrency, emit)
+        emit(TransferEvent("verifying", 0, len(artifact.parts), artifact.volume_size))
+        volume = Volume.open(partial)
+        report = volume.verify()
+        if not report.ok:
+            raise DigestMismatchError(f"{source}: the volume's blobs do not verify: {', '.join(report.corrupt[:3])}")
+        images = _resolved_images(volume, str(source))
+        os.replace(partial, final)
+        volume = Volume.open(final)
+        now = now_utc()
+        stamp = rfc3339(now)
+        status = config.get("status") if isinstance(config.get("status"), dict) else {}
+        unpacked = status.get("unpackedBytes")
+        cache = ImageCache(
+            name=name, id=cache_id, spec=spec, created=stamp or "", phase=READY, progress=100, start_time=stamp,
+            last_updated=stamp, images=images, volume_state="ready", generation=generation,
+            volume=VolumeInfo(str(final), volume.content_bytes, volume.blob_bytes, volume.capacity, generation),
+            unpacked_bytes=unpacked if isinstance(unpacked, int) and not isinstance(unpacked, bool) else 0,
+            events=[Event(stamp or "", "Normal", "Imported",
+                          f"Imported from {source} ({artifact.digest}): {len(images)} images, volume of "
+                          f"{volume.content_bytes} bytes verified ({report.checked} blobs)")])
+        cache.expire = cache.retention_expiry()
+        caches.db.insert(cache, caches.settings.max_manual_caches)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            if not _registered(caches, name, final):
+                final.unlink()
+        raise
+    finally:
+        lease.release()
+    return caches.get(name)
+
+
+def _registered(caches: Caches, name: str, path: Path) -> bool:
+    try:
+        found = caches.db.get(name)
+    except NotFoundLocalError:
+        return False
+    return found.volume is not None and Path(found.volume.path) == path
+
+
+def _download(registry: Registry, source: Reference, artifact: Artifact, partial: Path, concurrency: int,
+              emit: Progress) -> None:
+    """Every part into its place in ``partial``, in parallel, each verified by digest."""
+    try:
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise StoreError(f"cannot create {partial}: {e.strerror}") from None
+    lock = threading.Lock()
+    total = len(artifact.parts)
+
+    def one(i: int, desc: Descriptor, base: int) -> None:
+        sink = _PartSink(fd, base, desc)
+
+        def moved(n: int) -> None:
+            with lock:
+                emit(TransferEvent("bytes", i, total, n))
+
+        _fetch(registry, source.repository, desc, sink, moved)
+        sink.check()
+        with lock:
+            emit(TransferEvent("part-done", i, total, desc.size))
+
+    try:
+        _reserve(fd, artifact.volume_size, partial.parent)
+        pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, total)), thread_name_prefix="imc-pull")
+        try:
+            futures = [pool.submit(one, i, desc, base) for i, (desc, base) in enumerate(artifact.parts)]
+            for future in futures:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failed part stops the parts not yet started
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise StoreError(f"no space left in {partial.parent} while writing {partial.name}") from None
+        raise StoreError(f"cannot write {partial}: {e.strerror}") from None
+    finally:
+        os.close(fd)

@@ -1,0 +1,149 @@
+"""``imc volume push`` and ``imc volume pull``: caches shared between nodes through a registry."""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from builder.artifact import PART_SIZE, TransferEvent, pull_cache, push_cache
+from builder.cli.common import (
+    Context,
+    emit_json,
+    emit_yaml,
+    human,
+    make_keychain,
+    output_option,
+    pass_ctx,
+    registry_options,
+)
+from builder.reference import parse as parse_reference
+from builder.registry.client import UPLOAD_CHUNK
+from builder.registry.hosts import HostPolicy, parse_endpoint_list
+
+_SIZE_RE = re.compile(r"^(\d+)\s*([kmg]?)i?b?$", re.IGNORECASE)
+
+
+class ByteSize(click.ParamType):
+    """A size such as ``64M``, ``512k`` or ``1048576`` (binary units)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = _SIZE_RE.match(str(value).strip())
+        if not m or int(m.group(1)) <= 0:
+            self.fail(f"{value!r}: want a positive size such as 64M, 512k or 1048576", param, ctx)
+        return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+
+
+class TransferProgress:
+    """Renders push and pull progress on stderr: a line per part, a live total on a terminal."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty()
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.started = time.monotonic()
+        self.last_draw = 0.0
+
+    def __call__(self, event: TransferEvent) -> None:
+        with self.lock:
+            if event.kind == "bytes":
+                self.bytes += event.size
+                if event.size < 0:
+                    self._line(f"  a session was lost: {human(-event.size)} go again")
+                self._status()
+            elif event.kind == "part-done":
+                self._line(f"  {self.verb} part {event.part + 1}/{event.parts}  {human(event.size):>10}")
+            elif event.kind == "part-skipped":
+                self._line(f"  skipped  part {event.part + 1}/{event.parts}  {human(event.size):>10}  "
+                           "(already in the registry)")
+            elif event.kind == "verifying":
+                self._line(f"verifying the volume ({human(event.size)})")
+
+    def _line(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _status(self) -> None:
+        now = time.monotonic()
+        if not self.tty or now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        rate = self.bytes / max(now - self.started, 1e-6)
+        self.stream.write(f"\r\x1b[K  {human(self.bytes)} {self.verb}, {human(rate)}/s")
+        self.stream.flush()
+
+
+@click.command("push")
+@click.argument("name")
+@click.argument("target", metavar="REGISTRY/REPO:TAG")
+@registry_options
+@click.option("--part-size", type=ByteSize(), default=PART_SIZE, show_default=f"{PART_SIZE >> 20}M",
+              help="Volume bytes per artifact layer: at most this much goes again after a lost connection.")
+@click.option("--chunk-size", type=ByteSize(), default=UPLOAD_CHUNK, show_default=f"{UPLOAD_CHUNK >> 20}M",
+              help="Bytes per PATCH of a chunked upload.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@output_option("json", "yaml")
+@pass_ctx
+def volume_push(ctx: Context, name: str, target: str, plain_http: tuple[str, ...], insecure: tuple[str, ...],
+                ca_file: str | None, pull_secrets: tuple[str, ...], part_size: int, chunk_size: int, quiet: bool,
+                output: str) -> None:
+    """Publish a Ready cache (its volume and ImageCache record) as an OCI artifact.
+
+    Parts the registry already holds are skipped, so pushing again after a failure
+    sends only what is missing. Other nodes import it with 'imc volume pull'.
+    """
+    ref = parse_reference(target)
+    policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
+    result = push_cache(ctx.caches, name, ref, policy, make_keychain(ctx, pull_secrets), part_size=part_size,
+                        chunk_size=chunk_size,
+                        on_progress=None if quiet or output != "table" else TransferProgress("uploaded"))
+    if output == "json":
+        emit_json(result.to_json())
+    elif output == "yaml":
+        emit_yaml(result.to_json())
+    else:
+        click.echo(f"pushed {name} to {result.reference}@{result.digest}")
+        click.echo(f"volume {human(result.volume_bytes)} in {result.parts} parts: {result.parts_uploaded} uploaded, "
+                   f"{result.parts_skipped} already there; {human(result.bytes_sent)} sent")
+
+
+@click.command("pull")
+@click.argument("ref", metavar="REGISTRY/REPO:TAG")
+@click.option("--name", help="Name of the new cache (default: the pushed cache's name).")
+@registry_options
+@click.option("-j", "--concurrency", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="Parts downloaded in parallel.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@output_option("json", "yaml")
+@pass_ctx
+def volume_pull(ctx: Context, ref: str, name: str | None, plain_http: tuple[str, ...], insecure: tuple[str, ...],
+                ca_file: str | None, pull_secrets: tuple[str, ...], concurrency: int, quiet: bool,
+                output: str) -> None:
+    """Import a cache pushed with 'imc volume push' as a Ready cache that 'imc serve'
+    serves at once. Every part and the whole volume are verified first."""
+    source = parse_reference(ref)
+    policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
+    cache = pull_cache(ctx.caches, source, policy, make_keychain(ctx, pull_secrets), name=name,
+                       concurrency=concurrency,
+                       on_progress=None if quiet or output != "table" else TransferProgress("downloaded"))
+    if output == "json":
+        emit_json(cache.to_object())
+    elif output == "yaml":
+        emit_yaml(cache.to_object())
+    else:
+        from builder.cli.cache_cmds import print_table  # cache_cmds imports this module
+
+        print_table([cache])
+        click.echo(f"imported from {source}: {', '.join(i.name for i in cache.images)}")
