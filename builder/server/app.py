@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -47,6 +48,13 @@ def parse_listen(text: str, allow_remote: bool) -> tuple[str, int]:
     return host, int(port)
 
 
+def _request_kind(path: str) -> str:
+    """The duration histogram's label: manifest, blob, or other (tags, the ping)."""
+    if "/manifests/" in path:
+        return "manifest"
+    return "blob" if "/blobs/" in path else "other"
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -70,6 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         app = self.server.app
+        started = time.monotonic()
         parts = urlsplit(self.path)
         try:
             if parts.path.startswith(ImageCacheAPI.PREFIX):
@@ -84,6 +93,8 @@ class _Handler(BaseHTTPRequestHandler):
             log.warning("request %s %s failed: %s", self.command, parts.path, e.message)
             reply = error(500, "UNKNOWN", "the server could not read the content")
         self._send(reply)
+        if parts.path.startswith("/v2/"):
+            app.metrics.observe(_request_kind(parts.path), time.monotonic() - started)
 
     def _headers(self) -> CaseInsensitiveDict[str]:
         """Request headers, case-insensitive, repeated ones joined (clients send several Accept lines)."""
@@ -133,7 +144,8 @@ class Server:
                  upstream: str | None = None, sweep_interval: float = 3600.0, build_workers: int = 2) -> None:
         self.caches = caches
         self.metrics = Metrics()
-        self.registry = RegistryEndpoint(caches, pull_through, upstream, on_hit=self.metrics.hit)
+        self.registry = RegistryEndpoint(caches, pull_through, upstream, on_hit=self.metrics.hit,
+                                         on_lookup=self.metrics.lookup, on_upstream=self.metrics.upstream)
         self.builds = BuildRunner(caches, workers=build_workers)
         self.api = ImageCacheAPI(caches, self.builds)
         self.sweep_interval = sweep_interval

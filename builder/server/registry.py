@@ -57,12 +57,14 @@ def error(status: int, code: str, message: str, detail: object = None) -> Reply:
 
 @dataclass(frozen=True)
 class Blob:
-    """Where one servable blob's bytes are: a volume entry or a store file."""
+    """Where one servable blob's bytes are: a volume entry or a store file; ``cache``
+    is the cache serving it (None for the store's own images), for the metrics."""
 
     size: int
     media_type: str
     volume: Volume | None = None
     path: Path | None = None
+    cache: str | None = None
 
     def extent(self, digest: Digest, start: int, end: int) -> tuple[Path, int, int] | None:
         """A file extent for sendfile, when the bytes lie in a file as they are."""
@@ -126,10 +128,10 @@ class ServeIndex:
                         continue
                     volumes[path] = vol
                     for digest, entry in vol.entries.items():
-                        blobs.setdefault(digest, Blob(entry.size, entry.media_type, volume=vol))
+                        blobs.setdefault(digest, Blob(entry.size, entry.media_type, volume=vol, cache=cache.name))
                 else:
                     self._add_store_closure(blobs, [Digest.parse(i.digest) for i in cache.images]
-                                            + [Digest.parse(i.index) for i in cache.images if i.index])
+                                            + [Digest.parse(i.index) for i in cache.images if i.index], cache.name)
             for stored in self.store.images():
                 ref = reference.parse(stored.name)
                 top = stored.index_digest or stored.descriptor.digest
@@ -139,13 +141,13 @@ class ServeIndex:
             self.caches_by_name = {c.name: c for c in serving}
             self._built = time.monotonic()
 
-    def _add_store_closure(self, blobs: dict[Digest, Blob], roots: list[Digest]) -> None:
+    def _add_store_closure(self, blobs: dict[Digest, Blob], roots: list[Digest], cache: str | None = None) -> None:
         for root in roots:
             media_types = _media_types(self.store, root)
             for digest in self.store.closure(root):
                 if digest not in blobs and self.store.has(digest):
                     blobs[digest] = Blob(self.store.size(digest), media_types.get(digest, ""),
-                                         path=self.store.blob_path(digest))
+                                         path=self.store.blob_path(digest), cache=cache)
 
     def lookup_tag(self, registry: str | None, repository: str, tag: str) -> Tagged | None:
         """The best answer for a tag: among caches holding it, the matcher's ranking
@@ -194,12 +196,17 @@ class RegistryEndpoint:
     """Answers distribution API requests from the ServeIndex; never writes."""
 
     def __init__(self, caches: Caches, pull_through: Puller | None = None, upstream: str | None = None,
-                 on_hit: Callable[[str | None, str, int], None] | None = None) -> None:
+                 on_hit: Callable[[str | None, str, int], None] | None = None,
+                 on_lookup: Callable[[str | None, str, bool], None] | None = None,
+                 on_upstream: Callable[[int], None] | None = None) -> None:
         self.index = ServeIndex(caches)
         self.caches = caches
         self.pull_through = pull_through
         self.upstream = upstream
         self.on_hit = on_hit or (lambda cache, kind, size: None)
+        self.on_lookup = on_lookup or (lambda cache, kind, hit: None)
+        self.on_upstream = on_upstream or (lambda size: None)
+        self._request = threading.local()  # per request: the cache that answered, whether upstream was asked
         self._used: dict[str, float] = {}
         self._pull_lock = threading.Lock()
 
@@ -220,8 +227,19 @@ class RegistryEndpoint:
         if kind == "tags":
             return self._tags(name, ns) if ident == "list" else error(404, "NOT_FOUND", "unknown route")
         if kind == "manifests":
-            return self._manifest(method, name, ident, ns, headers)
-        return self._blob(method, name, ident, ns, headers)
+            return self._counted("manifest", lambda: self._manifest(method, name, ident, ns, headers))
+        return self._counted("blob", lambda: self._blob(method, name, ident, ns, headers))
+
+    def _counted(self, kind: str, answer: Callable[[], Reply]) -> Reply:
+        """Answer, then report a hit (served from what was local: a cache, or the store
+        as cache None) or a miss (not local: answered 404, or fetched upstream)."""
+        self._request.cache, self._request.upstream = None, False
+        reply = answer()
+        if reply.status in (200, 206) and not self._request.upstream:
+            self.on_lookup(self._request.cache, kind, True)
+        elif reply.status == 404 or self._request.upstream:
+            self.on_lookup(None, kind, False)
+        return reply
 
     # -- manifests -------------------------------------------------------------------
 
@@ -248,6 +266,7 @@ class RegistryEndpoint:
         if accept and blob.media_type not in accept and "*/*" not in accept and not _accepts_any(accept):
             return error(404, "MANIFEST_UNKNOWN", f"manifest is {blob.media_type}, not in Accept")
         cache_name = tagged.cache.name if tagged and tagged.cache else None
+        self._request.cache = cache_name or blob.cache
         self._mark_used(cache_name)
         data = self._read(digest, blob)
         self.on_hit(cache_name, "manifest", len(data))
@@ -277,6 +296,7 @@ class RegistryEndpoint:
             blob = self._pull_blob(name, digest, ns)
         if blob is None:
             return error(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": str(digest)})
+        self._request.cache = blob.cache
         start, end = 0, blob.size
         status = 200
         head = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": str(digest),
@@ -327,9 +347,10 @@ class RegistryEndpoint:
         ref = self._upstream(name, ident, ns or self.upstream)
         if self.pull_through is None or ref is None:
             return False
+        self._request.upstream = True
         with self._pull_lock:
             try:
-                self.pull_through.pull([ref])
+                self.on_upstream(self.pull_through.pull([ref]).bytes_fetched)
             except ImcError:
                 return False
         self.index.refresh(force=True)
@@ -341,10 +362,13 @@ class RegistryEndpoint:
         if registry is None or self.pull_through is None:
             return None
         client = self.pull_through.registry(reference.parse(f"{registry}/{name}").api_host)
+        self._request.upstream = True
         try:
             with self.caches.store.pinning():
                 size = client.blob_size(name, digest)
-                self.caches.store.ensure_blob(digest, size, lambda sink: client.fetch_blob(name, digest, size, sink))
+                if self.caches.store.ensure_blob(digest, size,
+                                                 lambda sink: client.fetch_blob(name, digest, size, sink)):
+                    self.on_upstream(size)
         except ImcError:
             return None
         store = self.caches.store

@@ -1,0 +1,113 @@
+"""``/metrics`` of ``imc serve`` after a known sequence of pulls: exact counts.
+
+Every request goes over one keep-alive connection, so the server has finished (and
+recorded) a request before it reads the next one, ``GET /metrics`` included.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder.caches import Caches
+from builder.imagecache import CacheSpec
+from builder.pull import Puller
+from builder.registry.hosts import HostPolicy
+from builder.server.app import Server
+
+ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, " \
+         "application/vnd.docker.distribution.manifest.v2+json"
+
+
+class Client:
+    """One HTTP/1.1 connection to the server."""
+
+    def __init__(self, server: Server) -> None:
+        host, port = server.address.rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        self.conn.request("GET", path, headers={"Accept": ACCEPT})
+        resp = self.conn.getresponse()
+        return resp.status, resp.read()
+
+    def metrics(self) -> dict[str, float]:
+        status, body = self.get("/metrics")
+        assert status == 200
+        out = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+
+def series(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if re.match(re.escape(prefix) + r"(\{|$)", k)}
+
+
+@pytest.fixture
+def caches(tmp_path: Path, plain_registry: Any) -> Caches:
+    caches = Caches(tmp_path / "home")
+    host = plain_registry.host
+    _, lease = caches.create("web", CacheSpec(images=[f"{host}/fixtures/app:1.0"], plain_http=[host]))
+    assert caches.build("web", lease).phase == "Ready"
+    return caches
+
+
+@pytest.fixture
+def server(caches: Caches) -> Iterator[Server]:
+    server = Server(caches, ("127.0.0.1", 0), sweep_interval=0).start()
+    yield server
+    server.stop()
+
+
+def test_hits_misses_bytes_and_durations_count_exactly(server: Server, catalogue: dict[str, Any]) -> None:
+    image = catalogue["images"]["fixtures/app:1.0"]["manifests"][0]
+    client = Client(server)
+    for _ in range(2):  # 2 manifest hits
+        assert client.get("/v2/fixtures/app/manifests/1.0")[0] == 200
+    layers = image["layers"]
+    served = [layers[0], layers[0], layers[-1]]
+    for layer in served:  # 3 blob hits
+        assert client.get(f"/v2/fixtures/app/blobs/{layer['digest']}")[0] == 200
+    assert client.get("/v2/fixtures/app/manifests/9.9")[0] == 404  # 1 miss
+    m = client.metrics()
+    assert series(m, "imc_cache_hits_total") == {
+        'imc_cache_hits_total{cache="web",kind="manifest"}': 2,
+        'imc_cache_hits_total{cache="web",kind="blob"}': 3,
+    }
+    assert series(m, "imc_cache_misses_total") == {'imc_cache_misses_total{kind="manifest"}': 1}
+    assert m['imc_served_bytes_total{kind="blob"}'] == sum(layer["size"] for layer in served)
+    assert m["imc_upstream_bytes_total"] == 0
+    assert m['imc_request_duration_seconds_count{kind="manifest"}'] == 3
+    assert m['imc_request_duration_seconds_count{kind="blob"}'] == 3
+    assert m['imc_request_duration_seconds_bucket{kind="blob",le="+Inf"}'] == 3
+    assert m['imc_request_duration_seconds_sum{kind="blob"}'] > 0
+    buckets = [v for k, v in m.items() if k.startswith('imc_request_duration_seconds_bucket{kind="blob"')]
+    assert buckets == sorted(buckets)  # cumulative
+
+
+def test_pull_through_counts_misses_and_upstream_bytes(tmp_path: Path, plain_registry: Any,
+                                                       catalogue: dict[str, Any]) -> None:
+    host = plain_registry.host
+    caches = Caches(tmp_path / "home")
+    puller = Puller(caches.store, HostPolicy(plain_http=frozenset({host})))
+    server = Server(caches, ("127.0.0.1", 0), pull_through=puller, upstream=host, sweep_interval=0).start()
+    try:
+        client = Client(server)
+        image = catalogue["images"]["fixtures/base:1.0"]["manifests"][0]
+        assert client.get("/v2/fixtures/base/manifests/1.0")[0] == 200  # a miss, pulled through
+        assert client.get(f"/v2/fixtures/base/blobs/{image['layers'][0]['digest']}")[0] == 200  # now a hit
+        m = client.metrics()
+        assert series(m, "imc_cache_misses_total") == {'imc_cache_misses_total{kind="manifest"}': 1}
+        assert series(m, "imc_cache_hits_total") == {'imc_cache_hits_total{cache="",kind="blob"}': 1}
+        blobs = sum(b["size"] for b in [image["config"], *image["layers"]])
+        assert m["imc_upstream_bytes_total"] >= blobs
+    finally:
+        server.stop()
