@@ -30,6 +30,7 @@ COMMANDS = {
     "volume": "builder.cli.cache_cmds:volume",
     "config": "builder.cli.cache_cmds:config",
     "match": "builder.cli.match_cmd:match",
+    "mirror-config": "builder.cli.mirror_cmd:mirror_config",
     "serve": "builder.cli.serve_cmd:serve",
 }
 

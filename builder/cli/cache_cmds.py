@@ -315,15 +315,13 @@ def volume_inspect(ctx: Context, name: str, output: str) -> None:
 
 @volume.command("verify")
 @click.argument("name")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def volume_verify(ctx: Context, name: str, output: str) -> None:
     """Rehash every blob in the volume. Exits 4 if any is corrupt."""
     report = open_volume(ctx.caches, name).verify()
-    if output == "json":
-        emit_json({"checked": report.checked, "bytes": report.bytes, "corrupt": report.corrupt,
-                   "ok": not report.corrupt})
-    else:
+    if not emit({"checked": report.checked, "bytes": report.bytes, "corrupt": report.corrupt,
+                 "ok": not report.corrupt}, output):
         click.echo(f"checked {report.checked} blobs, {human(report.bytes)}")
         for d in report.corrupt:
             click.echo(f"corrupt {d}")

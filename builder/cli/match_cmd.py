@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from builder.cli.cache_cmds import load_documents, run_build
-from builder.cli.common import Context, emit_json, output_option, pass_ctx
+from builder.cli.common import Context, emit, output_option, pass_ctx
 from builder.errors import ImcError, ValidationError
 from builder.imagecache import ImageCache
 from builder.matcher import Match, Matcher, MatchRequest, request_from_pod
@@ -51,9 +51,9 @@ def _cache_json(cache: ImageCache | None) -> dict[str, Any] | None:
 
 
 def _show(match: Match, cache: ImageCache | None, output: str) -> None:
-    if output == "json":
-        emit_json({"cache": _cache_json(cache), "reason": match.reason, "created": match.created,
-                   "warnings": list(match.warnings), "ranking": [c.to_json() for c in match.ranking]})
+    if output != "table":
+        emit({"cache": _cache_json(cache), "reason": match.reason, "created": match.created,
+              "warnings": list(match.warnings), "ranking": [c.to_json() for c in match.ranking]}, output)
         return
     if cache is not None:
         rows = [("NAME", "CACHEID", "PHASE"), (cache.name, cache.id, cache.phase)]
@@ -85,7 +85,7 @@ def _show(match: Match, cache: ImageCache | None, output: str) -> None:
 @click.option("--wait/--no-wait", default=False,
               help="Build an automatic cache in the foreground and return when Ready or Failed.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display with --wait.")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def match(ctx: Context, filename: str | None, images: tuple[str, ...], storage_gib: int | None,
           cache_id: str | None, auto: bool | None, instance_id: str | None, plain_http: tuple[str, ...],

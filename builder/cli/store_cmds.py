@@ -10,7 +10,7 @@ import click
 from builder.cli.common import (
     Context,
     PullProgress,
-    emit_json,
+    emit,
     human,
     make_keychain,
     output_option,
@@ -26,6 +26,7 @@ from builder.reference import parse as parse_reference
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
 from builder.store import Store, layer_usage
 
+
 @click.command()
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--platform", help="os/arch[/variant] to choose from multi-arch images (default: this host's).")
@@ -33,7 +34,7 @@ from builder.store import Store, layer_usage
               help="Blobs downloaded in parallel.")
 @registry_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def pull(ctx: Context, refs: tuple[str, ...], platform: str | None, concurrency: int, plain_http: tuple[str, ...],
          insecure: tuple[str, ...], ca_file: str | None, pull_secrets: tuple[str, ...], quiet: bool,
@@ -43,12 +44,12 @@ def pull(ctx: Context, refs: tuple[str, ...], platform: str | None, concurrency:
     policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
     puller = Puller(ctx.store, policy, make_keychain(ctx, pull_secrets),
                     Platform.parse(platform) if platform else None, concurrency,
-                    on_event=None if quiet or output == "json" else PullProgress())
+                    on_event=None if quiet or output != "table" else PullProgress())
     started = time.monotonic()
     result = puller.pull(references)
     elapsed = time.monotonic() - started
-    if output == "json":
-        emit_json({**pull_result_json(result), "seconds": round(elapsed, 3)})
+    if output != "table":
+        emit({**pull_result_json(result), "seconds": round(elapsed, 3)}, output)
         return
     for img in result.images:
         click.echo(f"{img.name}  {img.descriptor.digest}")
@@ -80,16 +81,16 @@ def resolve_digest(store: Store, text: str) -> Digest:
 
 
 @layers.command("list")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def layers_list(ctx: Context, output: str) -> None:
     """Every stored layer: digest, size, media type, and the images that use it."""
     usage = layer_usage(ctx.store)
     rows = sorted(usage.values(), key=lambda u: (-u.descriptor.size, str(u.descriptor.digest)))
-    if output == "json":
-        emit_json([{"digest": str(u.descriptor.digest), "size": u.descriptor.size,
-                    "mediaType": u.descriptor.media_type, "present": u.present, "images": u.images}
-                   for u in rows])
+    if output != "table":
+        emit([{"digest": str(u.descriptor.digest), "size": u.descriptor.size,
+               "mediaType": u.descriptor.media_type, "present": u.present, "images": u.images}
+              for u in rows], output)
         return
     click.echo(f"{'DIGEST':<19} {'SIZE':>10}  {'MEDIA TYPE':<48} IMAGES")
     for u in rows:
@@ -99,7 +100,7 @@ def layers_list(ctx: Context, output: str) -> None:
 
 @layers.command("inspect")
 @click.argument("digest")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def layers_inspect(ctx: Context, digest: str, output: str) -> None:
     """One blob: size, media type, compression, path, and the images that use it."""
@@ -111,8 +112,8 @@ def layers_inspect(ctx: Context, digest: str, output: str) -> None:
     info = {"digest": str(d), "size": size, "mediaType": media_type or None,
             "compression": layer_compression(media_type) if media_type else None,
             "path": str(store.blob_path(d)), "images": use.images if use else []}
-    if output == "json":
-        emit_json(info)
+    if output != "table":
+        emit(info, output)
         return
     for key, value in info.items():
         shown = ", ".join(value) if isinstance(value, list) else ("-" if value is None else value)
@@ -120,14 +121,14 @@ def layers_inspect(ctx: Context, digest: str, output: str) -> None:
 
 
 @layers.command("verify")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def layers_verify(ctx: Context, output: str) -> None:
     """Rehash every stored blob; quarantine corrupt ones. Exits 4 if any was bad."""
     report = ctx.store.verify()
-    if output == "json":
-        emit_json({"checked": report.checked, "bytes": report.bytes, "corrupt": report.corrupt,
-                   "missing": report.missing, "ok": report.ok})
+    if output != "table":
+        emit({"checked": report.checked, "bytes": report.bytes, "corrupt": report.corrupt,
+              "missing": report.missing, "ok": report.ok}, output)
     else:
         click.echo(f"checked {report.checked} blobs, {human(report.bytes)}")
         for d in report.corrupt:
@@ -139,15 +140,15 @@ def layers_verify(ctx: Context, output: str) -> None:
 
 
 @click.command()
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def gc(ctx: Context, output: str) -> None:
     """Delete expired caches, then remove blobs, volumes and partial downloads nothing needs."""
     report = ctx.caches.gc()
-    if output == "json":
-        emit_json({"cachesDeleted": report.deleted, "blobsRemoved": report.blobs_removed,
-                   "bytesFreed": report.bytes_freed, "partialsRemoved": report.partials_removed,
-                   "volumesRemoved": report.volumes_removed})
+    if output != "table":
+        emit({"cachesDeleted": report.deleted, "blobsRemoved": report.blobs_removed,
+              "bytesFreed": report.bytes_freed, "partialsRemoved": report.partials_removed,
+              "volumesRemoved": report.volumes_removed}, output)
         return
     for name in report.deleted:
         click.echo(f"deleted expired image cache {name}")
@@ -182,13 +183,13 @@ def secret_create(ctx: Context, name: str, registry: str, username: str, passwor
 
 
 @secret.command("list")
-@output_option("json")
+@output_option("json", "yaml")
 @pass_ctx
 def secret_list(ctx: Context, output: str) -> None:
     """The names of stored secrets (never their contents)."""
     names = ctx.secrets.list()
-    if output == "json":
-        emit_json(names)
+    if output != "table":
+        emit(names, output)
     else:
         for n in names:
             click.echo(n)

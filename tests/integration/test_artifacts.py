@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from support.cutproxy import CutProxy, UploadCutProxy
 
 from builder.artifact import (
@@ -133,6 +134,9 @@ def test_push_pull_and_serve_on_another_node_without_the_origin(tmp_path: Path, 
     assert sha256(Path(cache_b.volume.path)) == sha256(Path(source.volume.path))  # type: ignore[union-attr]
     assert not list((home_b / "volumes").glob("*.partial"))
     assert imc(home_b, "volume", "verify", "web").returncode == 0
+    inspected = imc(home_b, "volume", "inspect", "web", "-o", "yaml")
+    assert inspected.returncode == 0, inspected.stderr
+    assert yaml.safe_load(inspected.stdout)["contentBytes"] == size
 
     # B serves every image with no request to the origin.
     server = Server(Caches(home_b), ("127.0.0.1", 0), sweep_interval=0).start()

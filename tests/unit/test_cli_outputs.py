@@ -1,0 +1,133 @@
+"""The CLI's surface: mirror-config snippets that parse, -o json|yaml on every
+listing, --version, shell completion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from builder import __version__
+from builder.caches import Caches
+from builder.cli import cli
+from builder.imagecache import CacheSpec
+
+
+def run(home: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+# -- mirror-config -----------------------------------------------------------------------
+
+
+def test_containerd_hosts_toml_points_the_registry_at_imc_serve(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "mirror-config", "--containerd", "--registry", "quay.io", "--server", "127.0.0.1:5050")
+    assert code == 0
+    doc = tomllib.loads(out)
+    assert doc["server"] == "https://quay.io"
+    assert doc["host"] == {"http://127.0.0.1:5050": {"capabilities": ["pull", "resolve"]}}  # no skip_verify
+    assert out.startswith("# /etc/containerd/certs.d/quay.io/hosts.toml")
+
+
+def test_containerd_for_docker_hub_and_an_https_mirror(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "mirror-config", "--containerd")
+    assert code == 0
+    doc = tomllib.loads(out)
+    assert doc["server"] == "https://registry-1.docker.io"
+    assert list(doc["host"]) == ["http://127.0.0.1:5050"]
+    _, out = run(tmp_path, "mirror-config", "--containerd", "--server", "https://10.0.0.5:443", "--insecure")
+    assert tomllib.loads(out)["host"]["https://10.0.0.5:443"]["skip_verify"] is True
+    _, out = run(tmp_path, "mirror-config", "--containerd", "--server", "https://10.0.0.5:443")
+    assert "skip_verify" not in tomllib.loads(out)["host"]["https://10.0.0.5:443"]
+
+
+def test_docker_daemon_json(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "mirror-config", "--docker", "--server", "127.0.0.1:5050")
+    assert code == 0
+    assert json.loads(out) == {"registry-mirrors": ["http://127.0.0.1:5050"],
+                               "insecure-registries": ["127.0.0.1:5050"]}
+    _, out = run(tmp_path, "mirror-config", "--docker", "--server", "https://mirror.local:443")
+    assert json.loads(out) == {"registry-mirrors": ["https://mirror.local:443"]}
+
+
+def test_docker_mirrors_only_docker_hub(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path), "mirror-config", "--docker", "--registry", "quay.io"])
+    assert result.exception is not None and "only to Docker Hub" in str(result.exception)
+
+
+def test_podman_registries_conf(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "mirror-config", "--podman", "--registry", "ghcr.io", "--server", "127.0.0.1:5050")
+    assert code == 0
+    doc = tomllib.loads(out)
+    assert doc["registry"] == [{"location": "ghcr.io", "mirror": [{"location": "127.0.0.1:5050", "insecure": True}]}]
+
+
+def test_mirror_config_needs_a_runtime(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "mirror-config")
+    assert code == 2 and "--containerd" in out
+
+
+# -- -o json and -o yaml on listings -------------------------------------------------------
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A home with one (failed) cache, so listings have something to show."""
+    caches = Caches(tmp_path)
+    _, lease = caches.create("demo", CacheSpec(images=["127.0.0.1:1/none/app:1.0"]))
+    lease.release()  # the "builder" is gone: the next read marks the cache Failed
+    return tmp_path
+
+
+@pytest.mark.parametrize("args", [
+    ("layers", "list"), ("cache", "list"), ("cache", "events", "demo"), ("secret", "list"), ("config", "get"),
+    ("gc",), ("cache", "get", "demo"),
+])
+def test_listings_print_the_same_data_as_json_and_yaml(home: Path, args: tuple[str, ...]) -> None:
+    code_j, as_json = run(home, *args, "-o", "json")
+    code_y, as_yaml = run(home, *args, "-o", "yaml")
+    assert code_j == code_y == 0
+    assert yaml.safe_load(as_yaml) == json.loads(as_json)
+
+
+def test_cache_events_in_yaml(home: Path) -> None:
+    _, out = run(home, "cache", "events", "demo", "-o", "yaml")
+    reasons = [e["reason"] for e in yaml.safe_load(out)]
+    assert reasons[0] == "Creating" and reasons[-1] == "Failed"
+
+
+def test_match_in_yaml_still_exits_13_without_a_match(home: Path) -> None:
+    result = CliRunner().invoke(cli, ["--home", str(home), "match", "--image", "nginx:1.7.9", "-o", "yaml"])
+    doc = yaml.safe_load(result.output)
+    assert doc["cache"] is None and doc["reason"]
+    assert getattr(result.exception, "exit_code", None) == 13
+
+
+# -- version and completion ----------------------------------------------------------------
+
+
+def test_version(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "--version")
+    assert code == 0 and out.strip() == f"imc, version {__version__}"
+
+
+def test_bash_completion_through_click(tmp_path: Path) -> None:
+    imc = Path(sys.executable).with_name("imc")
+    if not imc.exists():
+        pytest.skip("the imc console script is not installed in this environment")
+    env = {**os.environ, "IMC_HOME": str(tmp_path)}
+    source = subprocess.run([str(imc)], env={**env, "_IMC_COMPLETE": "bash_source"}, capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert source.returncode == 0 and "complete " in source.stdout and "_imc_completion" in source.stdout
+    words = subprocess.run([str(imc)], env={**env, "_IMC_COMPLETE": "bash_complete", "COMP_WORDS": "imc volume p",
+                                            "COMP_CWORD": "2"}, capture_output=True, text=True, timeout=30,
+                           check=False)
+    assert words.stdout.split() == ["plain,pull", "plain,push"]
