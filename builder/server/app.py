@@ -9,10 +9,12 @@ loopback unless told otherwise, and sweeps expired caches periodically.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import socket
 import threading
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -73,8 +75,31 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT
     server: _HTTPServer
 
+    # A request line without a version is answered with a status line all the same.
+    default_request_version = "HTTP/1.0"
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.debug("%s " + format, self.address_string(), *args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """What the HTTP layer refuses by itself (bad syntax, a request line or header too
+        long) is answered like everything else: a spec error body, or a Status on the API
+        (never the stdlib's HTML page), and the connection is closed."""
+        self.close_connection = True
+        phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "Error"
+        text = (message or phrase)[:200]
+        if getattr(self, "path", "").startswith(ImageCacheAPI.PREFIX):
+            body = json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                               "message": text, "reason": phrase.replace(" ", ""), "code": code}).encode()
+        else:
+            body = error(code, "NAME_INVALID" if code == 414 else "UNSUPPORTED", text).body
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _dispatch(self) -> None:
         app = self.server.app
