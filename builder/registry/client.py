@@ -489,20 +489,24 @@ class Registry:
             # read1 hands over what has arrived: a connection that stalls or dies keeps
             # every byte received before it (read would drop a partly filled chunk).
             read = getattr(raw, "read1", None) or raw.read
-            try:
-                while sink.offset < size:
-                    chunk = read(min(CHUNK, size - sink.offset), decode_content=False)
-                    if not chunk:
-                        break
-                    sink.write(chunk)
-                    if on_bytes:
-                        on_bytes(len(chunk))
-                if sink.offset == size and raw.read(1, decode_content=False):
-                    raise DigestMismatchError(f"blob {digest}: registry sent more than the {size} bytes "
-                                              "its descriptor declares")
-            except (urllib3.exceptions.HTTPError, OSError, requests.exceptions.RequestException) as e:
-                raise TransportError(f"{self.endpoint}: connection lost during blob {digest.short} at "
-                                     f"{sink.offset} of {size} bytes ({type(e).__name__})") from None
+
+            def receive(n: int) -> bytes:
+                try:
+                    return read(n, decode_content=False)
+                except (urllib3.exceptions.HTTPError, OSError, requests.exceptions.RequestException) as e:
+                    raise TransportError(f"{self.endpoint}: connection lost during blob {digest.short} at "
+                                         f"{sink.offset} of {size} bytes ({type(e).__name__})") from None
+
+            while sink.offset < size:
+                chunk = receive(min(CHUNK, size - sink.offset))
+                if not chunk:
+                    break
+                sink.write(chunk)  # an OSError here is the local disk's (full?): the store reports it
+                if on_bytes:
+                    on_bytes(len(chunk))
+            if sink.offset == size and receive(1):
+                raise DigestMismatchError(f"blob {digest}: registry sent more than the {size} bytes "
+                                          "its descriptor declares")
         if sink.offset < size:
             raise TransportError(f"{self.endpoint}: blob {digest.short} truncated at {sink.offset} of {size} bytes")
 
