@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import reference
-from builder.errors import NotFoundLocalError, QuotaError, ValidationError
+from builder.errors import NotFoundLocalError, QuotaError, StoreError, ValidationError
 from builder.registry.auth import SecretStore
 from builder.registry.hosts import parse_endpoint_list
 from builder.store import write_atomic
@@ -498,15 +498,27 @@ class CacheDB:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.Error as e:
+            raise self._error(e) from None
         try:
             db.execute("PRAGMA busy_timeout=60000")
             # WAL with synchronous=NORMAL: a commit survives any process crash; only a
             # power loss can drop the last commits (never corrupt the database).
             db.execute("PRAGMA synchronous=NORMAL")
             yield db
+        except sqlite3.Error as e:
+            raise self._error(e) from None
         finally:
             db.close()
+
+    def _error(self, e: sqlite3.Error) -> StoreError:
+        """SQLite's failure as ours. A full disk shows as SQLITE_FULL, or as
+        SQLITE_IOERR_SHMSIZE when WAL's shared-memory file cannot grow."""
+        full = getattr(e, "sqlite_errorname", "") in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
+        return StoreError(f"cannot read or write the image cache records in {self.path}: "
+                          f"{'no space left on device' if full else e}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
