@@ -352,7 +352,12 @@ def _media_type(value: str) -> str:
 def _parse_body(headers: dict[str, str], body: bytes) -> Any:
     """The request body as a document, by its Content-Type (sniffed when absent)."""
     declared = headers.get("content-length", "").strip()
-    if len(body) > MAX_BODY_BYTES or (declared.isdigit() and int(declared) > MAX_BODY_BYTES):
+    if "transfer-encoding" in headers:
+        raise ApiError(411, "LengthRequired", "send the body with a Content-Length, not a Transfer-Encoding")
+    # ASCII digits only: str.isdigit() accepts '²', and int() refuses more than 4300 digits.
+    if declared and not (declared.isascii() and declared.isdigit()):
+        raise ApiError(400, "BadRequest", f"the Content-Length header {_clip(declared, 40)!r} is not a number")
+    if len(body) > MAX_BODY_BYTES or (declared and (len(declared) > 18 or int(declared) > MAX_BODY_BYTES)):
         raise ApiError(413, "RequestEntityTooLarge",
                        f"the request body is larger than the limit of {MAX_BODY_BYTES} bytes")
     media = _media_type(headers.get("content-type", ""))

@@ -126,10 +126,11 @@ class _Handler(BaseHTTPRequestHandler):
         return CaseInsensitiveDict({k: ", ".join(self.headers.get_all(k) or ()) for k in set(self.headers.keys())})
 
     def _api(self, app: Server) -> Reply:
-        length = self.headers.get("Content-Length", "0")
-        size = int(length) if length.isdigit() else 0
-        if size > MAX_BODY_BYTES:
-            body = b""  # the API answers 413 from Content-Length; the body is never read
+        length = (self.headers.get("Content-Length") or "0").strip()
+        # ASCII digits only: str.isdigit() accepts '²', and int() refuses more than 4300 digits.
+        size = int(length) if length.isascii() and length.isdigit() and len(length) <= 18 else -1
+        if size < 0 or size > MAX_BODY_BYTES or "Transfer-Encoding" in self.headers:
+            body = b""  # the API refuses from the headers (413, 400, 411); the body is never read
             self.close_connection = True
         else:
             body = self.rfile.read(size) if size else b""
