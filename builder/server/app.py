@@ -114,6 +114,9 @@ class _Handler(BaseHTTPRequestHandler):
                 reply = app.registry.handle(self.command, parts.path, dict(parse_qsl(parts.query)), self._headers())
             else:
                 reply = error(404, "NOT_FOUND", "unknown route")
+            if not parts.path.startswith(ImageCacheAPI.PREFIX) and (
+                    "Transfer-Encoding" in self.headers or (self.headers.get("Content-Length") or "0").strip() != "0"):
+                self.close_connection = True  # its body is never read: it must not be taken for the next request
         except ImcError as e:
             log.warning("request %s %s failed: %s", self.command, parts.path, e.message)
             reply = error(500, "UNKNOWN", "the server could not read the content")
