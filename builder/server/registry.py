@@ -33,7 +33,7 @@ from builder.store import Store
 from builder.volume import Volume
 
 SERVING_PHASES = (READY, UPDATING, UPDATE_FAILED)
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 _PATH_RE = re.compile(r"^/v2/(.+)/(manifests|blobs|tags)/([^/]+)$")
 INDEX_TTL = 2.0
 
@@ -407,16 +407,22 @@ def _accepts_any(accept: str) -> bool:
     return not any(t.strip().split(";")[0] in (*MANIFEST_TYPES, *INDEX_TYPES) for t in accept.split(","))
 
 
+def _position(digits: str) -> int:
+    """A byte position from a Range header; past 18 digits (beyond any blob) it is read
+    as 10**18, since int() refuses more than 4300 digits and a huge one gains nothing."""
+    return int(digits) if len(digits) <= 18 else 10 ** 18
+
+
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """A single ``bytes=a-b`` range as [start, end); None if unsatisfiable or malformed."""
     m = _RANGE_RE.match(header.strip())
     if not m or (not m.group(1) and not m.group(2)):
         return None
     if m.group(1):
-        start = int(m.group(1))
-        end = min(int(m.group(2)) + 1, size) if m.group(2) else size
+        start = _position(m.group(1))
+        end = min(_position(m.group(2)) + 1, size) if m.group(2) else size
     else:
-        start, end = max(size - int(m.group(2)), 0), size
+        start, end = max(size - _position(m.group(2)), 0), size
     if start >= size or start >= end:
         return None
     return start, end
