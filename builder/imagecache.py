@@ -97,7 +97,9 @@ def _int_in(field_name: str, value: Any, low: int, high: int) -> int:
     except ValueError:
         raise ValidationError(f"{field_name}: want an integer from {low} to {high}, got {value!r}") from None
     if not low <= number <= high:
-        raise ValidationError(f"{field_name}: {number} is out of range (valid {low} to {high})")
+        # str() of an int past 4300 digits raises (a YAML hex literal makes one cheaply).
+        shown = number if abs(number) < 10 ** 18 else "a number of more than 18 digits"
+        raise ValidationError(f"{field_name}: {shown} is out of range (valid {low} to {high})")
     return number
 
 
