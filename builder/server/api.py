@@ -373,8 +373,9 @@ def _parse_body(headers: dict[str, str], body: bytes) -> Any:
     is_json = media == JSON or (not media and text.lstrip().startswith("{"))
     try:
         doc = json.loads(text) if is_json else yaml.load(text, Loader=_StrictYAMLLoader)
-    except (ValueError, RecursionError) as e:  # json errors are ValueErrors; so is a 5000-digit int
-        raise ApiError(400, "BadRequest", f"the request body is not valid JSON: {_clip(str(e))}") from None
+    except (ValueError, RecursionError) as e:  # json errors are ValueErrors; so is a 5000-digit int in either
+        raise ApiError(400, "BadRequest", f"the request body is not valid {'JSON' if is_json else 'YAML'}: "
+                       f"{_clip(str(e))}") from None
     except yaml.YAMLError as e:
         raise ApiError(400, "BadRequest", f"the request body is not valid YAML: {_clip(str(e))}") from None
     if not isinstance(doc, dict):
