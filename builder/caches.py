@@ -562,9 +562,19 @@ class Caches:
         return out
 
     def _remove_orphan_volumes(self) -> int:
-        """Volume files no record points at, whose builder is not running."""
+        """Volume files no record points at, whose builder is not running. Each is checked
+        against the record again once the cache's lease is held: a build that finished
+        after the records were first read keeps its volume."""
         records = {c.id: c for c in self.db.list()}
         removed = 0
+
+        def wanted(cache_id: str, path: Path | None) -> bool:
+            try:
+                cache = self.db.by_id(cache_id)
+            except NotFoundLocalError:
+                return False
+            return path is None or (cache.volume is not None and Path(cache.volume.path) == path)
+
         for path in list(self.volumes.glob("*.imcv")) + list(self.volumes.glob("*.partial")):
             cache_id = path.name.rsplit("-", 1)[0]
             cache = records.get(cache_id)
@@ -575,8 +585,9 @@ class Caches:
             except CacheStateError:
                 continue  # being built right now
             try:
-                path.unlink(missing_ok=True)
-                removed += 1
+                if not wanted(cache_id, path):
+                    path.unlink(missing_ok=True)
+                    removed += 1
             finally:
                 lease.release()
         for lock in self.store.locks.glob("cache-*.lock"):
