@@ -67,16 +67,30 @@ class BuildLease:
 
     It can be handed to a child process (``fileno`` in ``pass_fds``); the lock lives as
     long as any holder keeps the descriptor open, and dies with the last of them.
+
+    gc removes the lock files of caches that no longer exist, holding the lock while it
+    does; a lease is only taken on the file that is at ``path`` once locked, so nobody
+    ever holds a lock on a removed file that others cannot see. ``wait`` blocks instead
+    of failing when the lock is held (for a new cache's id, only gc can hold it).
     """
 
-    def __init__(self, path: Path) -> None:
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            raise CacheStateError("a build of this image cache is still running") from None
+    def __init__(self, path: Path, wait: bool = False) -> None:
+        self._fd: int | None = None
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                raise CacheStateError("a build of this image cache is still running") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
+            os.close(fd)  # gc removed this file between our open and our lock: lock the new one
 
     @classmethod
     def adopt(cls, fd: int) -> BuildLease:
@@ -256,7 +270,7 @@ class Caches:
             cache.event("AnnotationIgnored", f"{key} has no effect on a local image cache", "Warning", when=now)
         cache.expire = cache.retention_expiry()
         settings = self.settings
-        lease = BuildLease(self._lease_path(cache.id))
+        lease = BuildLease(self._lease_path(cache.id), wait=True)
         try:
             self.db.insert(cache, settings.max_auto_caches if auto else settings.max_manual_caches)
         except BaseException:
@@ -562,9 +576,10 @@ class Caches:
         return out
 
     def _remove_orphan_volumes(self) -> int:
-        """Volume files no record points at, whose builder is not running. Each is checked
-        against the record again once the cache's lease is held: a build that finished
-        after the records were first read keeps its volume."""
+        """Volume files no record points at, and lock files of caches that no longer
+        exist, when no builder holds them. Each is checked against the record again once
+        the cache's lease is held: a build that finished, or a cache that was created,
+        after the records were first read keeps its files."""
         records = {c.id: c for c in self.db.list()}
         removed = 0
 
@@ -591,8 +606,18 @@ class Caches:
             finally:
                 lease.release()
         for lock in self.store.locks.glob("cache-*.lock"):
-            if lock.stem[len("cache-"):] not in records:
-                lock.unlink(missing_ok=True)
+            cache_id = lock.stem[len("cache-"):]
+            if cache_id in records:
+                continue
+            try:
+                lease = BuildLease(lock)
+            except CacheStateError:
+                continue  # held: a build (of a cache created since the records were read)
+            try:
+                if not wanted(cache_id, None):
+                    lock.unlink(missing_ok=True)
+            finally:
+                lease.release()
         return removed
 
 
