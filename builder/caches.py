@@ -227,8 +227,9 @@ class Caches:
     # -- reading -----------------------------------------------------------------------
 
     def get(self, name: str) -> ImageCache:
-        """A cache's record, after noticing a builder that died."""
-        return self._reconcile(self.db.get(name))
+        """A cache's record, after noticing a builder that died. A name that no cache can
+        have is a ValidationError, checked before it is looked up."""
+        return self._reconcile(self.db.get(validate_name(name)))
 
     def by_id(self, cache_id: str) -> ImageCache:
         return self._reconcile(self.db.by_id(cache_id))
@@ -323,7 +324,7 @@ class Caches:
 
     def delete(self, name: str) -> ImageCache:
         """Delete a cache in any phase; its volume goes now, its blobs at the next gc."""
-        cache = self.db.delete(name)
+        cache = self.db.delete(validate_name(name))
         for path in self.volumes.glob(f"{cache.id}-*.imcv"):
             path.unlink(missing_ok=True)
         return cache

@@ -181,8 +181,9 @@ class CacheSpec:
 def validate_name(name: str) -> str:
     """A DNS-1123 label: lowercase letters, digits and '-', at most 63, alphanumeric ends."""
     if not isinstance(name, str) or not NAME_RE.match(name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:80]) + "…"
         raise ValidationError(
-            f"name {name!r}: must be lowercase letters, digits and '-', start and end with a letter or "
+            f"name {shown}: must be lowercase letters, digits and '-', start and end with a letter or "
             "digit, at most 63 characters")
     return name
 
