@@ -116,6 +116,20 @@ def flocked(path: Path, shared: bool = False, blocking: bool = True) -> Iterator
         os.close(fd)
 
 
+def _open_partial(path: Path) -> BinaryIO:
+    """Open (or create) a partial download to append to and reread, never through a
+    symbolic link: a link found there is removed, not written through."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        os.unlink(path)
+        fd = os.open(path, flags | os.O_EXCL, 0o644)
+    return os.fdopen(fd, "a+b", buffering=0)
+
+
 class Ingest:
     """A blob being written: hashes as it goes and resumes from a partial file.
 
@@ -127,7 +141,7 @@ class Ingest:
         self.digest = digest
         self.size = size
         self._hash = digest.hasher()
-        self._file: BinaryIO = open(path, "a+b", buffering=0)  # noqa: SIM115 - closed by close()
+        self._file: BinaryIO = _open_partial(path)
         self._offset = 0
         self._resume()
         self._flushed = self._offset
@@ -176,8 +190,8 @@ class Ingest:
             self.discard()
             raise DigestMismatchError(f"blob digest mismatch: expected {self.digest}, got {actual}")
         os.fsync(self._file.fileno())
+        os.fchmod(self._file.fileno(), 0o444)  # the file written, not whatever the path names now
         self._file.close()
-        os.chmod(self.path, 0o444)
         os.replace(self.path, final)
 
     def discard(self) -> None:
