@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -267,27 +268,39 @@ class Store:
         """Where a blob lives (whether or not it is there)."""
         return self.blobs / digest.algorithm / digest.hex
 
+    def _stat(self, digest: Digest) -> os.stat_result | None:
+        """The blob file's status, or None. Only a regular file is a stored blob: a
+        symbolic link there (whatever it points at) is not, and is never followed."""
+        try:
+            st = os.lstat(self.blob_path(digest))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
+
     def has(self, digest: Digest, size: int | None = None) -> bool:
         """True when the blob is stored (and, if given, has ``size`` bytes)."""
-        try:
-            st = os.stat(self.blob_path(digest))
-        except FileNotFoundError:
-            return False
-        return size is None or st.st_size == size
+        st = self._stat(digest)
+        return st is not None and (size is None or st.st_size == size)
 
     def size(self, digest: Digest) -> int:
         """The stored blob's size, or NotFoundLocalError."""
-        try:
-            return os.stat(self.blob_path(digest)).st_size
-        except FileNotFoundError:
-            raise NotFoundLocalError(f"blob {digest} is not in the store") from None
+        st = self._stat(digest)
+        if st is None:
+            raise NotFoundLocalError(f"blob {digest} is not in the store")
+        return st.st_size
 
     def open_blob(self, digest: Digest) -> BinaryIO:
-        """Open a stored blob for reading."""
+        """Open a stored blob for reading (never through a symbolic link)."""
         try:
-            return open(self.blob_path(digest), "rb")
-        except FileNotFoundError:
+            fd = os.open(self.blob_path(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFoundLocalError(f"blob {digest} is not in the store") from None
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise NotFoundLocalError(f"blob {digest} is not in the store: its path is a symbolic link "
+                                     "(imc layers verify quarantines it)") from None
+        return os.fdopen(fd, "rb")
 
     def read_blob(self, digest: Digest) -> bytes:
         """A small blob's bytes (manifests, configs)."""
@@ -425,8 +438,8 @@ class Store:
     def all_blobs(self) -> Iterator[tuple[Digest, Path]]:
         """Every blob file present, as (digest, path)."""
         for algo_dir in sorted(self.blobs.iterdir()):
-            if not algo_dir.is_dir():
-                continue
+            if algo_dir.is_symlink() or not algo_dir.is_dir():
+                continue  # a linked directory holds files outside the store: never verify or remove them
             for p in sorted(algo_dir.iterdir()):
                 try:
                     yield Digest.parse(f"{algo_dir.name}:{p.name}"), p
