@@ -839,10 +839,18 @@ def _claim_partial(partial: Path) -> int:
 
     The lock comes before the truncation, so a second pack of the same volume fails
     at once instead of wiping the file the first one is writing; a partial left by a
-    crashed process holds no lock and is simply reused.
+    crashed process holds no lock and is simply reused. A symbolic link found there is
+    removed, never written through.
     """
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(partial, flags, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            os.unlink(partial)
+            fd = os.open(partial, flags | os.O_EXCL, 0o644)
     except OSError as e:
         raise StoreError(f"cannot create volume {partial}: {e.strerror}") from None
     try:
