@@ -11,12 +11,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, urlsplit
 
 from requests.structures import CaseInsensitiveDict
@@ -141,6 +142,22 @@ class _Handler(BaseHTTPRequestHandler):
         return Reply(answer.status, {"Content-Type": answer.content_type, **answer.headers}, answer.body)
 
     def _send(self, reply: Reply) -> None:
+        source = None
+        if reply.extent is not None and self.command != "HEAD":
+            try:
+                # Never through a symbolic link: one swapped in for a volume or a blob after
+                # the index was read must not send the bytes of whatever it points at.
+                source = open(os.open(reply.extent[0], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+            except OSError as e:
+                log.warning("cannot serve %s: %s", reply.extent[0], e.strerror)
+                reply = error(500, "UNKNOWN", "the server could not read the content")
+        try:
+            self._send_reply(reply, source)
+        finally:
+            if source is not None:
+                source.close()
+
+    def _send_reply(self, reply: Reply, source: BinaryIO | None) -> None:
         self.send_response(reply.status)
         headers = {"Docker-Distribution-API-Version": "registry/2.0", **reply.headers}
         if "Content-Length" not in headers:
@@ -151,10 +168,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         try:
-            if reply.extent is not None:
-                path, offset, count = reply.extent
-                with open(path, "rb") as f:
-                    self.connection.sendfile(f, offset, count)
+            if reply.extent is not None and source is not None:
+                _, offset, count = reply.extent
+                self.connection.sendfile(source, offset, count)
             elif reply.stream is not None:
                 for chunk in reply.stream:
                     self.wfile.write(chunk)

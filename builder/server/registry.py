@@ -327,7 +327,7 @@ class RegistryEndpoint:
 
     def _read(self, digest: Digest, blob: Blob) -> bytes:
         if blob.path is not None:
-            return blob.path.read_bytes()
+            return self.caches.store.read_blob(digest)  # never through a link swapped in since
         assert blob.volume is not None
         return blob.volume.read_bytes(digest)
 
