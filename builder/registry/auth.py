@@ -159,7 +159,9 @@ class SecretStore:
         auth = base64.b64encode(f"{username}:{password}".encode()).decode()
         doc = json.dumps({"auths": {_endpoint_key(registry): {"auth": auth}}})
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A new file, never through a link planted there (nor a leftover that keeps its mode).
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(doc)
         os.replace(tmp, path)
