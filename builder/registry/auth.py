@@ -175,7 +175,11 @@ class SecretStore:
         except FileNotFoundError:
             raise ValidationError(f"pull secret {ref} does not exist (create it with 'imc secret create')") from None
         if not stat.S_ISREG(st.st_mode):
-            raise ValidationError(f"pull secret {ref} is not a regular file")
+            kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                    "a directory" if stat.S_ISDIR(st.st_mode) else "special")
+            raise ValidationError(f"pull secret {ref} is not a regular file ({kind}): remove {path} and store the "
+                                  "secret again with 'imc secret create', as a regular file only you can read "
+                                  "(chmod 600)")
         if st.st_mode & 0o077:
             raise ValidationError(
                 f"pull secret {ref} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); chmod 600 {path}"
