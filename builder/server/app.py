@@ -147,7 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 # Never through a symbolic link: one swapped in for a volume or a blob after
                 # the index was read must not send the bytes of whatever it points at.
-                source = open(os.open(reply.extent[0], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+                fd = os.open(reply.extent[0], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                source = open(fd, "rb")  # noqa: SIM115 - closed in the finally below
             except OSError as e:
                 log.warning("cannot serve %s: %s", reply.extent[0], e.strerror)
                 reply = error(500, "UNKNOWN", "the server could not read the content")
