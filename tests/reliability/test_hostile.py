@@ -32,16 +32,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import imagegen  # registry-fixtures/, on the path from tests/conftest.py
 import pytest
 import yaml
+from support.faultserver import OCI_CONFIG, OCI_INDEX, FaultServer
 
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
 from builder.server.app import Server
-from support.faultserver import OCI_CONFIG, OCI_INDEX, FaultServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "registry-fixtures"))
-import imagegen  # noqa: E402 - after the path entry above
 
 IMC = [sys.executable, "-m", "builder"]
 API = "/apis/eci.alibabacloud.com/v1/imagecaches"
@@ -58,7 +56,7 @@ OCI_ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image
 def imc(home: Path, *args: str | bytes, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the CLI against ``home``; arguments may be bytes (argv is bytes on Linux)."""
     return subprocess.run([*IMC, "--home", str(home), *args], input=stdin, capture_output=True, timeout=timeout,
-                          env={**os.environ, "IMC_HOME": str(home)})
+                          env={**os.environ, "IMC_HOME": str(home)}, check=False)
 
 
 def text(out: subprocess.CompletedProcess) -> str:
@@ -167,10 +165,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, plain_registry: Any,
     volume), fixtures/base:1.0 pulled into the store, and a server over both."""
     root = tmp_path_factory.mktemp("hostile")
     home = root / "home"
-    canary, content = make_canary(root)
+    _, content = make_canary(root)
     host = plain_registry.host
     caches = Caches(home)
-    created, lease = caches.create("web", CacheSpec(images=[f"{host}/fixtures/app:1.0"], plain_http=[host]))
+    _, lease = caches.create("web", CacheSpec(images=[f"{host}/fixtures/app:1.0"], plain_http=[host]))
     assert caches.build("web", lease).phase == "Ready"
     out = imc(home, "pull", "-q", "--plain-http", host, f"{host}/fixtures/base:1.0")
     assert out.returncode == 0, text(out)
@@ -248,7 +246,7 @@ def test_odd_names_tags_and_digests_on_the_registry_endpoint(served: dict[str, A
     (b"GET", b""),
     (b"GET /v2/fixtures/app/manifests/1.0 HTTP/1.1 trailing", b""),
     (b"GET /v2/fixtures/app/manifests/1.0 HTTP/1.1", b"X-Long: " + b"a" * 70000 + b"\r\n"),
-    (b"GET /v2/fixtures/app/manifests/1.0 HTTP/1.1", b"".join(b"X-%d: a\r\n" % i for i in range(150))),
+    (b"GET /v2/fixtures/app/manifests/1.0 HTTP/1.1", b"".join(f"X-{i}: a\r\n".encode() for i in range(150))),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b""),  # a TLS ClientHello sent to the plain port
 ])
 def test_malformed_requests_get_spec_errors(served: dict[str, Any], request_line: bytes, headers: bytes) -> None:
@@ -394,7 +392,7 @@ def hostile_bodies() -> list[tuple[str, str, bytes]]:
         ("lone surrogate", "application/json", json.dumps(imagecache_doc("\ud800")).encode()),
         ("images not a list", "application/json", json.dumps({**good, "spec": {"images": {"a": 1}}}).encode()),
         ("huge image list", "application/json",
-         json.dumps({**good, "spec": {"images": ["a/b:%d" % i for i in range(50_000)]}}).encode()),
+         json.dumps({**good, "spec": {"images": [f"a/b:{i}" for i in range(50_000)]}}).encode()),
     ]
 
 
@@ -495,7 +493,7 @@ def test_unknown_layer_media_type_is_pulled_cached_and_served_byte_exact(tmp_pat
     store = home / "store" / "blobs" / "sha256"
     assert (store / image["layer"].split(":")[1]).read_bytes() == image["layer_bytes"]
     caches = Caches(home)
-    created, lease = caches.create("opaque", CacheSpec(images=[f"{host}/{repo}:1.0"], plain_http=[host]))
+    _, lease = caches.create("opaque", CacheSpec(images=[f"{host}/{repo}:1.0"], plain_http=[host]))
     built = caches.build("opaque", lease)
     assert built.phase in ("Ready", "Failed"), built.phase
     if built.phase == "Failed":
@@ -578,8 +576,8 @@ def test_symlinked_blobs_are_not_served_verified_or_followed(tmp_path: Path, pla
     server = Server(Caches(home), ("127.0.0.1", 0), sweep_interval=0).start()
     try:
         for digest in (layer["digest"], "sha256:" + named.name):
-            status, body, received = raw_request(server.address,
-                                                 f"GET /v2/fixtures/base/blobs/{digest} HTTP/1.1".encode())
+            status, _, received = raw_request(server.address,
+                                              f"GET /v2/fixtures/base/blobs/{digest} HTTP/1.1".encode())
             assert status != 200 and content[:40] not in received, (status, received[:200])
     finally:
         server.stop()
@@ -625,7 +623,7 @@ def test_symlinks_in_volumes_are_never_written_through_or_served(tmp_path: Path,
     host = plain_registry.host
     home = tmp_path / "home"
     caches = Caches(home)
-    created, lease = caches.create("vol", CacheSpec(images=[f"{host}/fixtures/base:1.0"], plain_http=[host]))
+    _, lease = caches.create("vol", CacheSpec(images=[f"{host}/fixtures/base:1.0"], plain_http=[host]))
     built = caches.build("vol", lease)
     assert built.phase == "Ready"
     outside = tmp_path / "outside"
@@ -824,7 +822,7 @@ def test_credentials_never_appear_in_output_records_logs_or_answers(tmp_path: Pa
                                                   f"Accept: {OCI_ACCEPT}\r\n".encode())
             assert status == 200, (path, status, body[:300])
             served.append(received)
-        status, body, received = raw_request(address, f"GET {API} HTTP/1.1".encode(), b"Accept: application/yaml\r\n")
+        _, _, received = raw_request(address, f"GET {API} HTTP/1.1".encode(), b"Accept: application/yaml\r\n")
         served.append(received)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -842,12 +840,12 @@ def test_credentials_never_appear_in_output_records_logs_or_answers(tmp_path: Pa
         if leaked(data, needles):
             found.append(f"server answer {data[:80]!r}")
     for path in sorted(home.rglob("*")):
-        if path.is_file() and not path.is_symlink() and path.parent.parent != home / "secrets":
-            if leaked(path.read_bytes(), needles):
-                found.append(str(path.relative_to(home)))
+        if (path.is_file() and not path.is_symlink() and path.parent.parent != home / "secrets"
+                and leaked(path.read_bytes(), needles)):
+            found.append(str(path.relative_to(home)))
     with sqlite3.connect(home / "caches.db") as conn:
         for table in ("caches", "match_index"):
-            for row in conn.execute(f"SELECT * FROM {table}"):  # noqa: S608 - fixed table names
+            for row in conn.execute(f"SELECT * FROM {table}"):
                 if leaked(json.dumps(row).encode(), needles):
                     found.append(f"caches.db {table} row {row[0]}")
     assert {p.name for p in (home / "logs").iterdir()} == {"build-bg-bad.log"}
