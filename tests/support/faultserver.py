@@ -3,10 +3,12 @@
 ``FaultServer`` speaks just enough of the OCI distribution API (``/v2/``, manifests and
 blobs of one repository) over HTTP/1.1 with Content-Length, on 127.0.0.1 and a port
 the OS picks. Each request path can be scripted to misbehave: answer with an error
-status a number of times, cut a blob short and drop the connection, send corrupt bytes
+status a number of times, cut a blob short and drop the connection (``Truncate``) or
+reset it (``Reset``: a TCP RST), stop sending mid-body (``Stall``), send corrupt bytes
 or a wrong ``Docker-Content-Digest``, redirect to another server, ignore ``Range``,
-or wait for a test's signal. Every request is recorded (method, path, headers) so tests
-can assert on what the client actually sent.
+or wait for a test's signal. Every request is recorded (method, path, headers, and
+``at``, its ``time.monotonic()`` arrival) so tests can assert on what the client
+actually sent, and when.
 
 It deliberately does not import ``builder``: the fixture computes its own digests so
 that a bug in the code under test cannot hide itself in the fixture.
@@ -39,7 +41,10 @@ import base64
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -125,7 +130,24 @@ class Hold:
     timeout: float = 10.0
 
 
-Fault = Status | Truncate | Corrupt | WrongDigest | IgnoreRange | NoLength | Redirect | Hold
+@dataclass(frozen=True)
+class Reset:
+    """Send the headers and ``after`` body bytes, then reset the connection (TCP RST)."""
+
+    after: int = 0
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Send the headers and ``after`` body bytes, then nothing until ``event`` is set
+    (at most ``timeout`` seconds), then close: a server that stops answering mid-body."""
+
+    event: threading.Event
+    after: int = 0
+    timeout: float = 30.0
+
+
+Fault = Status | Truncate | Corrupt | WrongDigest | IgnoreRange | NoLength | Redirect | Hold | Reset | Stall
 
 
 # -- records and content -----------------------------------------------------------------
@@ -138,6 +160,7 @@ class Request:
     method: str
     path: str
     headers: dict[str, str]
+    at: float = 0.0  # time.monotonic() when it arrived
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -402,7 +425,7 @@ class FaultServer:
         path = urlsplit(h.path).path
         headers = {k.lower(): v for k, v in h.headers.items()}
         with self._lock:
-            self.requests.append(Request(method, path, headers))
+            self.requests.append(Request(method, path, headers, time.monotonic()))
         if self._bearer is not None and path == "/token":
             self._issue_token(h, method, headers)
             return
@@ -479,6 +502,15 @@ class FaultServer:
             status = 206
         if isinstance(fault, Truncate):
             self._send(h, method, status, data, out_headers, cut_after=fault.after)
+        elif isinstance(fault, Reset):
+            self._send(h, method, status, data, out_headers, cut_after=fault.after)
+            h.close_connection = True
+            sock = socket.socket(fileno=h.connection.detach())  # the handler's own close is now a no-op
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # linger 0: the kernel answers with RST, never a FIN
+        elif isinstance(fault, Stall):
+            self._send(h, method, status, data, out_headers, cut_after=fault.after)
+            fault.event.wait(fault.timeout)
         elif isinstance(fault, NoLength):
             self._send(h, method, status, data, out_headers, with_length=False)
         else:
