@@ -284,7 +284,7 @@ class Caches:
                pull_secrets: list[str] | None = None) -> tuple[ImageCache, BuildLease | None]:
         """Change a Ready (or UpdateFailed) cache. A change of images needs a rebuild:
         the cache goes Updating and the caller builds it with the returned lease, while
-        the previous volume keeps serving."""
+        the previous volume (or flash staging copy) keeps serving."""
         current = self.get(name)
         if current.phase not in (READY, UPDATE_FAILED):
             raise CacheStateError(f"image cache {name} is {current.phase}: updates are allowed only in "
@@ -299,7 +299,10 @@ class Caches:
         ).validated()
         for secret in spec.image_pull_secrets:
             self.secrets.load(secret)
-        rebuild = spec.images != current.spec.images or current.phase == UPDATE_FAILED
+        # Rebuild for new images, after a failed update, or when the volume is missing
+        # (a flash cache whose packing was interrupted): an update with no changes repairs.
+        rebuild = (spec.images != current.spec.images or current.phase == UPDATE_FAILED
+                   or current.volume_state != "ready")
         lease = BuildLease(self._lease_path(current.id)) if rebuild else None
 
         def apply(cache: ImageCache) -> None:

@@ -497,7 +497,9 @@ class Store:
                 report.bytes_freed += size
             # Every fetch runs under ``pinning()``, so none is in progress now: partials
             # are abandoned and per-blob lock files are free to go.
-            for partial in self.ingest_dir.glob("*.partial"):
+            # Small blobs are written by write_atomic under pinning too: a temporary
+            # file left beside the blobs is a crash's leftover.
+            for partial in [*self.ingest_dir.glob("*.partial"), *self.blobs.glob("*/.*.tmp")]:
                 partial.unlink(missing_ok=True)
                 report.partials_removed += 1
             for lock in self.locks.glob("blob-*.lock"):

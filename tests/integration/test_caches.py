@@ -471,3 +471,22 @@ def test_lease_cannot_be_taken_twice(tmp_path: Path) -> None:
         BuildLease(tmp_path / "x.lock")
     first.release()
     BuildLease(tmp_path / "x.lock").release()
+
+
+def test_update_without_changes_repacks_a_flash_cache_whose_packing_failed(tmp_path: Path, plain_registry: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    caches = Caches(tmp_path)
+    real_pack = caches_module.volumes.pack
+
+    def failing_pack(*args: Any, **kw: Any) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(caches_module.volumes, "pack", failing_pack)
+    broken = build(caches, "fl", spec(plain_registry, "fixtures/app:1.0", flash=True))
+    assert broken.phase == "Ready" and broken.volume_state == "failed" and broken.source == "staging"
+    monkeypatch.setattr(caches_module.volumes, "pack", real_pack)
+    updating, lease = caches.update("fl")
+    assert lease is not None and updating.phase == "Updating" and updating.source == "staging"
+    repaired = caches.build("fl", lease)
+    assert repaired.phase == "Ready" and repaired.source == "volume" and repaired.pinned == []
+    assert Volume.open(Path(repaired.volume.path)).verify().corrupt == []
