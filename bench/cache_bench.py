@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import IMC, Table, fresh_dir, run_measured
-
 import imagegen
+from harness import IMC, Table, fresh_dir, run_measured
 
 LARGE = "fixtures/large:1.0"
 SIBLING = "bench/sibling:1.0"

@@ -60,7 +60,7 @@ def _records(count: int, rnd: random.Random) -> list[ImageCache]:
                            created=created, phase=READY, progress=100)  # type: ignore[arg-type]
         cache.images = [ResolvedImage(ref, f"sha256:{rnd.getrandbits(256):064x}",
                                       "application/vnd.oci.image.manifest.v1+json", 1200) for ref in images]
-        for n in range(12):
+        for _ in range(12):
             cache.event("LayerFetched", f"blob sha256:{rnd.getrandbits(256):064x} ({rnd.randint(1, 10**8)} bytes) "
                         "fetched from the registry")
         out.append(cache)

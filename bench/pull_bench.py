@@ -18,9 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from harness import IMC, Run, Table, fresh_dir, mb, run_measured, side_by_side
-
 import imagegen
+from harness import IMC, Run, Table, fresh_dir, mb, run_measured, side_by_side
 
 ROUNDS = 5
 HUGE_REPO = "bench/huge"
@@ -47,13 +46,13 @@ def throughput(endpoints: dict[str, Any], catalogue: dict[str, Any], work: Path,
     size = _image_bytes(catalogue, ref)
     certs = fresh_dir(work / "certs")
     shutil.copy(endpoints["tls"].ca_file, certs / "ca.crt")
+    home, dest = work / "imc-home", work / "skopeo-oci"
     for mode in ("plain", "tls"):
         ep = endpoints[mode]
-        home, dest = work / "imc-home", work / "skopeo-oci"
         result = side_by_side(
             f"pull {mode}", ROUNDS,
-            imc=lambda: run_measured(_imc_pull(home, ep, ref)),
-            peer=lambda: run_measured(_skopeo_copy(dest, ep, ref, certs)),
+            imc=lambda ep=ep: run_measured(_imc_pull(home, ep, ref)),
+            peer=lambda ep=ep: run_measured(_skopeo_copy(dest, ep, ref, certs)),
             reset=lambda: (fresh_dir(home), shutil.rmtree(dest, ignore_errors=True)),
         )
         imc_rate = size / result.imc_median

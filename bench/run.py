@@ -17,17 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import IMC, ROOT, Table  # noqa: E402
+import cache_bench
+import match_bench
+import pull_bench
+import regfix
+import serve_bench
+import volume_bench
+from harness import IMC, ROOT, Table
 
-import cache_bench  # noqa: E402
-import match_bench  # noqa: E402
-import pull_bench  # noqa: E402
-import regfix  # noqa: E402
-import serve_bench  # noqa: E402
-import volume_bench  # noqa: E402
-
-from builder.oci import Descriptor  # noqa: E402
-from builder.store import Store  # noqa: E402
+from builder.oci import Descriptor
+from builder.store import Store
 
 SECTIONS = ("pull", "cache", "volume", "serve", "match")
 

@@ -52,7 +52,7 @@ from builder.imagecache import (
     validate_name,
 )
 from builder.oci import Descriptor, Index, Platform
-from builder.pull import DEFAULT_CONCURRENCY, PulledImage, PullEvent, Puller
+from builder.pull import DEFAULT_CONCURRENCY, PulledImage, Puller, PullEvent
 from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain, SecretStore
 from builder.registry.hosts import HostPolicy

@@ -438,7 +438,7 @@ class Settings:
         write_atomic(home / "settings.json", json.dumps(asdict(self), indent=2).encode())
 
     @staticmethod
-    def keys() -> list[str]:
+    def field_names() -> list[str]:
         return [f.name for f in fields(Settings)]
 
 

@@ -560,7 +560,7 @@ class _Writer:
                 try:
                     if self.error is None:
                         _write_all(self._fd, view, offset)
-                except BaseException as e:  # noqa: BLE001 - handed to the packing thread
+                except BaseException as e:
                     self.error = e
                 finally:
                     done()

@@ -354,7 +354,7 @@ def config() -> None:
 def config_get(ctx: Context, output: str) -> None:
     """Every setting and its value."""
     settings = Settings.load(ctx.home)
-    values = {k: getattr(settings, k) for k in Settings.keys()}
+    values = {k: getattr(settings, k) for k in Settings.field_names()}
     values["max_auto_caches"] = settings.max_auto_caches
     if not emit(values, output):
         for k, v in values.items():
@@ -362,7 +362,7 @@ def config_get(ctx: Context, output: str) -> None:
 
 
 @config.command("set")
-@click.argument("key", type=click.Choice(Settings.keys()))
+@click.argument("key", type=click.Choice(Settings.field_names()))
 @click.argument("value", type=click.IntRange(min=0))
 @pass_ctx
 def config_set(ctx: Context, key: str, value: int) -> None:

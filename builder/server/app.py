@@ -79,7 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
     # A request line without a version is answered with a status line all the same.
     default_request_version = "HTTP/1.0"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:

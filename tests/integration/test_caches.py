@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import imagegen
 import pytest
 import yaml
 
@@ -20,8 +21,6 @@ from builder.digest import Digest
 from builder.errors import CacheStateError, NotFoundLocalError, QuotaError, ValidationError
 from builder.imagecache import CacheSpec, Settings, parse_time
 from builder.volume import Volume
-
-import imagegen
 
 IMC = [sys.executable, "-m", "builder"]
 
@@ -36,7 +35,7 @@ def blobs_of(catalogue: dict[str, Any], ref: str) -> list[dict[str, Any]]:
 
 
 def build(caches: Caches, name: str, s: CacheSpec) -> Any:
-    created, lease = caches.create(name, s)
+    _created, lease = caches.create(name, s)
     return caches.build(name, lease)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import requests
+from support.cutproxy import CutProxy
 
 from builder.digest import Digest
 from builder.errors import AuthError, TLSError
@@ -26,7 +27,6 @@ from builder.reference import parse
 from builder.registry.auth import DockerConfig, Keychain, TokenCache
 from builder.registry.hosts import HostPolicy
 from builder.store import Store
-from support.cutproxy import CutProxy
 
 IMC = [sys.executable, "-m", "builder"]
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from support.cutproxy import CutProxy
 
 from builder import caches as caches_module
 from builder.caches import Caches
@@ -21,7 +22,6 @@ from builder.imagecache import CacheSpec
 from builder.pull import Puller
 from builder.registry.hosts import HostPolicy
 from builder.server.app import Server
-from support.cutproxy import CutProxy
 
 REFS = ("fixtures/app:1.0", "fixtures/oci-app:1.0", "fixtures/multi:1.0")
 
@@ -35,7 +35,7 @@ def upstream(plain_registry: Any) -> Iterator[CutProxy]:
 
 
 def build(caches: Caches, name: str, host: str, *refs: str, **kw: Any) -> Any:
-    created, lease = caches.create(name, CacheSpec(images=[f"{host}/{r}" for r in refs], plain_http=[host], **kw))
+    _created, lease = caches.create(name, CacheSpec(images=[f"{host}/{r}" for r in refs], plain_http=[host], **kw))
     result = caches.build(name, lease)
     assert result.phase == "Ready", result.message
     return result
@@ -144,7 +144,7 @@ def test_hostile_and_unknown_requests(served: Any, method: str, path: str, statu
 
 
 def test_writes_change_nothing(served: Any, tmp_path: Path) -> None:
-    caches, server = served
+    _caches, server = served
     files = sorted(str(p) for p in (tmp_path / "home").rglob("*") if p.is_file() and "locks" not in p.parts)
     requests.put(f"http://{server.address}/v2/fixtures/app/manifests/1.0", data=b"{}", timeout=10)
     requests.post(f"http://{server.address}/v2/fixtures/app/blobs/uploads/", data=b"x" * 1000, timeout=10)

@@ -67,7 +67,7 @@ class Client(threading.Thread):
             self.conn = self.connect()
             self.get("/v2/", {}, 200)  # answered once: the server holds this connection now
             self.held = True
-        except Exception as e:  # noqa: BLE001 - every failure is a reported error
+        except Exception as e:
             self.errors.append(f"connect: {e!r}")
         try:
             self.ready.wait(timeout=120)
@@ -80,14 +80,14 @@ class Client(threading.Thread):
             try:
                 getattr(self, f"do_{self.kind}")()
                 self.requests += 1
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.errors.append(f"{self.kind}: {e!r}"[:300])
                 self.conn.close()  # type: ignore[union-attr]
                 self.conn = self.connect()
         if self.held:
             try:
                 self.get("/v2/", {}, 200)  # the same connection still answers at the end
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.errors.append(f"final ping: {e!r}")
         self.conn.close()  # type: ignore[union-attr]
 
@@ -191,11 +191,11 @@ if __name__ == "__main__":
 # -- the test ---------------------------------------------------------------------------------------
 # Imported here: the client processes above need only the standard library.
 
-import pytest
+import pytest  # noqa: E402
 
-from builder.caches import Caches
-from builder.digest import Digest, hash_file
-from builder.imagecache import CacheSpec
+from builder.caches import Caches  # noqa: E402
+from builder.digest import Digest, hash_file  # noqa: E402
+from builder.imagecache import CacheSpec  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +258,7 @@ class Monitor(threading.Thread):
                 body = resp.read()
                 if resp.status != 200 or body != b"{}":
                     self.errors.append(f"{resp.status} {body[:100]!r}")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.errors.append(repr(e))
             finally:
                 conn.close()

@@ -130,7 +130,7 @@ def test_registry_killed_mid_blob_and_restarted_resumes_without_refetching(
         def pull() -> None:
             try:
                 outcome["result"] = puller.pull([parse(f"{proxy.host}/{ref}")])
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            except BaseException as e:
                 outcome["error"] = e
 
         thread = threading.Thread(target=pull)

@@ -227,13 +227,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HTTPServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: object) -> None:
         pass  # keep test output clean
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib's name
+    def do_GET(self) -> None:
         self.server.owner._handle(self, "GET")
 
-    def do_HEAD(self) -> None:  # noqa: N802 - stdlib's name
+    def do_HEAD(self) -> None:
         self.server.owner._handle(self, "HEAD")
 
 

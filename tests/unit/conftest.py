@@ -11,9 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pytest  # noqa: E402
-
-from support.faultserver import FaultServer  # noqa: E402
+import pytest
+from support.faultserver import FaultServer
 
 
 @pytest.fixture

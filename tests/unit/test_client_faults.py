@@ -16,6 +16,16 @@ import time
 from collections import defaultdict
 
 import pytest
+from support.faultserver import (
+    DOCKER_SCHEMA1_SIGNED,
+    Corrupt,
+    Hold,
+    IgnoreRange,
+    NoLength,
+    Status,
+    Truncate,
+    WrongDigest,
+)
 
 from builder.digest import Digest, hash_file
 from builder.errors import (
@@ -33,16 +43,6 @@ from builder.registry.auth import DockerConfig, Keychain, TokenCache
 from builder.registry.client import Registry, RetryPolicy
 from builder.registry.hosts import HostPolicy
 from builder.store import Ingest, Store
-from support.faultserver import (
-    DOCKER_SCHEMA1_SIGNED,
-    Corrupt,
-    Hold,
-    IgnoreRange,
-    NoLength,
-    Status,
-    Truncate,
-    WrongDigest,
-)
 
 AMD64 = Platform("linux", "amd64")
 NO_BACKOFF = RetryPolicy(backoff=0.0, max_backoff=0.0)
@@ -472,7 +472,7 @@ def test_two_pullers_at_once_download_each_blob_once(server, tmp_path):
     def run(i: int) -> None:
         try:
             results[i] = puller(server, stores[i]).pull([parse(f"{server.reference}:v1")])
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]

@@ -38,7 +38,7 @@ def builder_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("builder"):
             base = node.module[len("builder."):] if node.module != "builder" else ""
             for alias in node.names:
-                out.add(f"{base}.{alias.name}".strip(".") if not base else base)
+                out.add(base or alias.name)
         elif isinstance(node, ast.Import):
             out |= {a.name[len("builder."):] for a in node.names if a.name.startswith("builder.")}
     return {m for m in out if m and m not in ("__version__",)}

@@ -390,7 +390,7 @@ def test_open_rejects_a_flipped_byte_in_the_index(packed, tmp_path):
         f.seek(size - 64)
         index_offset = int.from_bytes(f.read(8), "big")
     _flip(copy, index_offset + (size - 64 - index_offset) // 2)
-    with pytest.raises(StoreError, match="volume .* is damaged: the index checksum"):
+    with pytest.raises(StoreError, match=r"volume .* is damaged: the index checksum"):
         Volume.open(copy)
 
 
