@@ -33,6 +33,8 @@ from builder.server.registry import RegistryEndpoint, Reply, error
 log = logging.getLogger(__name__)
 
 SOCKET_TIMEOUT = 120.0
+LINGER_BYTES = 64 << 20
+LINGER_SECONDS = 2.0
 
 
 def parse_listen(text: str, allow_remote: bool) -> tuple[str, int]:
@@ -102,7 +104,30 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _linger(self) -> None:
+        """Close after answering a request whose body was not read, without losing the answer.
+
+        Closing with unread bytes makes the kernel reset the connection, which can destroy
+        the answer before the client reads it. So: end our side (FIN after the answer),
+        then read and drop what the client still sends, bounded in bytes and time.
+        """
+        self.close_connection = True
+        deadline = time.monotonic() + LINGER_SECONDS
+        left = LINGER_BYTES
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(remaining)
+                chunk = self.connection.recv(min(1 << 16, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass  # reset, timed out, or gone: there is nothing more to save
+
     def _dispatch(self) -> None:
+        self._unread_body = False
         app = self.server.app
         started = time.monotonic()
         parts = urlsplit(self.path)
@@ -117,11 +142,13 @@ class _Handler(BaseHTTPRequestHandler):
                 reply = error(404, "NOT_FOUND", "unknown route")
             if not parts.path.startswith(ImageCacheAPI.PREFIX) and (
                     "Transfer-Encoding" in self.headers or (self.headers.get("Content-Length") or "0").strip() != "0"):
-                self.close_connection = True  # its body is never read: it must not be taken for the next request
+                self._unread_body = True  # never read: it must not be taken for the next request
         except ImcError as e:
             log.warning("request %s %s failed: %s", self.command, parts.path, e.message)
             reply = error(500, "UNKNOWN", "the server could not read the content")
         self._send(reply)
+        if self._unread_body:
+            self._linger()
         if parts.path.startswith("/v2/"):
             app.metrics.observe(_request_kind(parts.path), time.monotonic() - started)
 
@@ -135,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
         size = int(length) if length.isascii() and length.isdigit() and len(length) <= 18 else -1
         if size < 0 or size > MAX_BODY_BYTES or "Transfer-Encoding" in self.headers:
             body = b""  # the API refuses from the headers (413, 400, 411); the body is never read
-            self.close_connection = True
+            self._unread_body = True
         else:
             body = self.rfile.read(size) if size else b""
         answer = app.api.handle(self.command, self.path, self._headers(), body)
