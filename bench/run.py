@@ -15,18 +15,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import cache_bench
-import match_bench
-import pull_bench
-import regfix
-import serve_bench
-import volume_bench
-from harness import IMC, ROOT, Table
-
 from builder.oci import Descriptor
 from builder.store import Store
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "registry-fixtures")]
+
+import cache_bench  # noqa: E402  (the imports below need the paths above)
+import match_bench  # noqa: E402
+import pull_bench  # noqa: E402
+import regfix  # noqa: E402
+import serve_bench  # noqa: E402
+import volume_bench  # noqa: E402
+from harness import IMC, ROOT, Table  # noqa: E402
 
 SECTIONS = ("pull", "cache", "volume", "serve", "match")
 
