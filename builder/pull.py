@@ -214,9 +214,11 @@ class Puller:
         cancel = threading.Event()
         results: dict[Digest, str] = {}
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imc-pull") as pool:
+            # Largest first: the biggest layer is the critical path, so it must not
+            # start last behind a queue of small ones.
+            order = sorted(jobs.items(), key=lambda job: job[1][1].size, reverse=True)
             futures: dict[Future, Digest] = {
-                pool.submit(self._fetch_one, image, desc, cancel): digest
-                for digest, (image, desc) in jobs.items()
+                pool.submit(self._fetch_one, image, desc, cancel): digest for digest, (image, desc) in order
             }
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in done if f.exception() is not None), None)
