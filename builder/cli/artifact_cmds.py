@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
-import threading
-import time
 from typing import Any
 
 import click
@@ -13,6 +10,7 @@ import click
 from builder.artifact import PART_SIZE, TransferEvent, pull_cache, push_cache
 from builder.cli.common import (
     Context,
+    ProgressLines,
     emit_json,
     emit_yaml,
     human,
@@ -20,6 +18,7 @@ from builder.cli.common import (
     output_option,
     pass_ctx,
     registry_options,
+    show,
 )
 from builder.reference import parse as parse_reference
 from builder.registry.client import UPLOAD_CHUNK
@@ -42,17 +41,8 @@ class ByteSize(click.ParamType):
         return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
 
 
-class TransferProgress:
-    """Renders push and pull progress on stderr: a line per part, a live total on a terminal."""
-
-    def __init__(self, verb: str) -> None:
-        self.verb = verb
-        self.stream = sys.stderr
-        self.tty = self.stream.isatty()
-        self.lock = threading.Lock()
-        self.bytes = 0
-        self.started = time.monotonic()
-        self.last_draw = 0.0
+class TransferProgress(ProgressLines):
+    """Renders push and pull progress: a line per part, and a live total."""
 
     def __call__(self, event: TransferEvent) -> None:
         with self.lock:
@@ -68,21 +58,6 @@ class TransferProgress:
                            "(already in the registry)")
             elif event.kind == "verifying":
                 self._line(f"verifying the volume ({human(event.size)})")
-
-    def _line(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def _status(self) -> None:
-        now = time.monotonic()
-        if not self.tty or now - self.last_draw < 0.1:
-            return
-        self.last_draw = now
-        rate = self.bytes / max(now - self.started, 1e-6)
-        self.stream.write(f"\r\x1b[K  {human(self.bytes)} {self.verb}, {human(rate)}/s")
-        self.stream.flush()
 
 
 @click.command("push")
@@ -138,12 +113,6 @@ def volume_pull(ctx: Context, ref: str, name: str | None, plain_http: tuple[str,
     cache = pull_cache(ctx.caches, source, policy, make_keychain(ctx, pull_secrets), name=name,
                        concurrency=concurrency,
                        on_progress=None if quiet or output != "table" else TransferProgress("downloaded"))
-    if output == "json":
-        emit_json(cache.to_object())
-    elif output == "yaml":
-        emit_yaml(cache.to_object())
-    else:
-        from builder.cli.cache_cmds import print_table  # cache_cmds imports this module
-
-        print_table([cache])
+    show(cache, output)
+    if output == "table":
         click.echo(f"imported from {source}: {', '.join(i.name for i in cache.images)}")

@@ -22,6 +22,8 @@ from builder.cli.common import (
     human,
     output_option,
     pass_ctx,
+    print_table,
+    show,
 )
 from builder.errors import ImcError, ValidationError
 from builder.imagecache import (
@@ -31,8 +33,6 @@ from builder.imagecache import (
     CacheSpec,
     ImageCache,
     Settings,
-    now_utc,
-    parse_time,
     spec_from_object,
 )
 from builder.volume import Volume, export_oci_archive
@@ -44,18 +44,6 @@ class CacheFailed(ImcError):
     """A build that ended Failed or UpdateFailed, reported by ``--wait``."""
 
     exit_code = 12
-
-
-def age(created: str | None) -> str:
-    """Kubernetes-style age: 42s, 5m, 3h, 12d."""
-    start = parse_time(created)
-    if start is None:
-        return "-"
-    seconds = int((now_utc() - start).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
 
 
 def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, quiet: bool) -> ImageCache:
@@ -76,22 +64,6 @@ def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, qu
             pass_fds=(lease.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     lease.release()  # the builder holds it now
     return cache
-
-
-def show(cache: ImageCache, output: str) -> None:
-    if output == "json":
-        emit_json(cache.to_object())
-    elif output == "yaml":
-        emit_yaml(cache.to_object())
-    else:
-        print_table([cache])
-
-
-def print_table(caches: list[ImageCache]) -> None:
-    rows = [(c.name, age(c.created), c.id, c.phase, f"{c.progress}%") for c in caches]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS"))]
-    for row in [("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS"), *rows]:
-        click.echo("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def wait_options(f: Callable) -> Callable:

@@ -18,7 +18,7 @@ from builder.store import Store
 if TYPE_CHECKING:
     from builder.caches import Caches
     from builder.digest import Digest
-    from builder.imagecache import Event
+    from builder.imagecache import Event, ImageCache
     from builder.pull import PullEvent, PullResult
 
 EXIT_USAGE = 2
@@ -87,18 +87,40 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-class PullProgress:
-    """Renders pull events on stderr: a line per blob, and a live total on a terminal."""
+class ProgressLines:
+    """Progress on stderr: finished steps as lines, and on a terminal a live total
+    that those lines are printed over."""
 
-    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, verb: str, stream=None) -> None:  # type: ignore[no-untyped-def]
+        self.verb = verb
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.lock = threading.Lock()
-        self.total = 0
-        self.done = 0
         self.bytes = 0
         self.started = time.monotonic()
         self.last_draw = 0.0
+
+    def _line(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _status(self) -> None:
+        now = time.monotonic()
+        if not self.tty or now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        rate = self.bytes / max(now - self.started, 1e-6)
+        self.stream.write(f"\r\x1b[K  {human(self.bytes)} {self.verb}, {human(rate)}/s")
+        self.stream.flush()
+
+
+class PullProgress(ProgressLines):
+    """Renders pull events: a line per blob (fetched or reused), and a live total."""
+
+    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__("fetched", stream)
         self.seen: set[Digest] = set()
 
     def __call__(self, event: PullEvent) -> None:
@@ -126,20 +148,38 @@ class PullProgress:
         with self.lock:
             self._line(f"[{event.reason}] {event.message}")
 
-    def _line(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
 
-    def _status(self) -> None:
-        now = time.monotonic()
-        if not self.tty or now - self.last_draw < 0.1:
-            return
-        self.last_draw = now
-        rate = self.bytes / max(now - self.started, 1e-6)
-        self.stream.write(f"\r\x1b[K  {human(self.bytes)} fetched, {human(rate)}/s")
-        self.stream.flush()
+def age(created: str | None) -> str:
+    """Kubernetes-style age: 42s, 5m, 3h, 12d."""
+    from builder.imagecache import now_utc, parse_time
+
+    start = parse_time(created)
+    if start is None:
+        return "-"
+    seconds = int((now_utc() - start).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def print_table(caches: list[ImageCache]) -> None:
+    """The cache listing: NAME AGE CACHEID PHASE PROGRESS, as kubectl shows it."""
+    header = ("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS")
+    rows = [(c.name, age(c.created), c.id, c.phase, f"{c.progress}%") for c in caches]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for row in [header, *rows]:
+        click.echo("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def show(cache: ImageCache, output: str) -> None:
+    """One cache as the ImageCache object (json, yaml) or a table row."""
+    if output == "json":
+        emit_json(cache.to_object())
+    elif output == "yaml":
+        emit_yaml(cache.to_object())
+    else:
+        print_table([cache])
 
 
 def registry_options(f: Callable) -> Callable:
