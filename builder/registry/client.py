@@ -492,37 +492,21 @@ class Registry:
             # blob) is read with read1, which hands over what has arrived: nothing is lost.
             # read1 costs a Python call per TLS record, too slow for the bulk of a layer.
             read1 = getattr(raw, "read1", None) or raw.read
-            batch = bytearray()  # read1's pieces, gathered into CHUNK-sized writes
-
-            def deliver(data: bytes | bytearray) -> None:
-                sink.write(data)  # an OSError here is the local disk's (full?): the store reports it
-                if on_bytes:
-                    on_bytes(len(data))
-
-            def flush() -> None:
-                if batch:
-                    deliver(batch)
-                    batch.clear()
 
             def receive(n: int) -> bytes:
                 try:
                     return raw.read(n, decode_content=False) if n >= CHUNK else read1(n, decode_content=False)
                 except (urllib3.exceptions.HTTPError, OSError, requests.exceptions.RequestException) as e:
-                    flush()
                     raise TransportError(f"{self.endpoint}: connection lost during blob {digest.short} at "
                                          f"{sink.offset} of {size} bytes ({type(e).__name__})") from None
 
-            while sink.offset + len(batch) < size:
-                chunk = receive(min(CHUNK, size - sink.offset - len(batch)))
+            while sink.offset < size:
+                chunk = receive(min(CHUNK, size - sink.offset))
                 if not chunk:
                     break
-                if len(chunk) >= CHUNK and not batch:
-                    deliver(chunk)
-                    continue
-                batch += chunk
-                if len(batch) >= CHUNK:
-                    flush()
-            flush()
+                sink.write(chunk)  # an OSError here is the local disk's (full?): the store reports it
+                if on_bytes:
+                    on_bytes(len(chunk))
             if sink.offset == size and receive(1):
                 raise DigestMismatchError(f"blob {digest}: registry sent more than the {size} bytes "
                                           "its descriptor declares")
