@@ -36,6 +36,7 @@ SERVING_PHASES = (READY, UPDATING, UPDATE_FAILED)
 _RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 _PATH_RE = re.compile(r"^/v2/(.+)/(manifests|blobs|tags)/([^/]+)$")
 INDEX_TTL = 2.0
+FORCED_REFRESH_GAP = 0.25
 
 
 @dataclass
@@ -93,9 +94,10 @@ class Tagged:
 class ServeIndex:
     """What can be served right now, rebuilt from the records when they may have changed.
 
-    Rebuilt at most every ``INDEX_TTL`` seconds, and at once on a miss, so a cache
-    that just became Ready is served without a restart and a busy server does not
-    reread every record on every request.
+    Rebuilt at most every ``INDEX_TTL`` seconds, and on a miss (at most every
+    ``FORCED_REFRESH_GAP``), so a cache that just became Ready is served without a
+    restart, while neither a busy server nor a flood of misses rereads every record
+    on every request.
     """
 
     def __init__(self, caches: Caches) -> None:
@@ -108,9 +110,13 @@ class ServeIndex:
         self.blobs: dict[Digest, Blob] = {}
         self.caches_by_name: dict[str, ImageCache] = {}
 
-    def refresh(self, force: bool = False) -> None:
+    def refresh(self, force: bool = False, miss: bool = False) -> None:
+        """Rebuild if older than ``INDEX_TTL``; on a ``miss``, if older than
+        ``FORCED_REFRESH_GAP`` (a burst of misses rebuilds once, not once per request);
+        with ``force``, always (after this server pulled something itself)."""
         with self._lock:
-            if not force and time.monotonic() - self._built < INDEX_TTL:
+            age = time.monotonic() - self._built
+            if not force and age < (FORCED_REFRESH_GAP if miss else INDEX_TTL):
                 return
             tags: list[Tagged] = []
             blobs: dict[Digest, Blob] = {}
@@ -278,7 +284,7 @@ class RegistryEndpoint:
         self.index.refresh()
         found = self.index.lookup_tag(ns, name, tag)
         if found is None:
-            self.index.refresh(force=True)
+            self.index.refresh(miss=True)
             found = self.index.lookup_tag(ns, name, tag)
         if found is None and self._pull(name, tag, ns):
             found = self.index.lookup_tag(ns, name, tag)
@@ -321,7 +327,7 @@ class RegistryEndpoint:
         self.index.refresh()
         blob = self.index.blobs.get(digest)
         if blob is None:
-            self.index.refresh(force=True)
+            self.index.refresh(miss=True)
             blob = self.index.blobs.get(digest)
         return blob
 
