@@ -117,18 +117,22 @@ def flocked(path: Path, shared: bool = False, blocking: bool = True) -> Iterator
         os.close(fd)
 
 
-def _open_partial(path: Path) -> BinaryIO:
-    """Open (or create) a partial download to append to and reread, never through a
-    symbolic link: a link found there is removed, not written through."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+def open_unlinked(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` with ``O_CREAT``, never through a symbolic link: a link found at
+    ``path`` (planted there, say) is removed and a fresh file created in its place."""
+    flags |= os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o644)
+        return os.open(path, flags, mode)
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
         os.unlink(path)
-        fd = os.open(path, flags | os.O_EXCL, 0o644)
-    return os.fdopen(fd, "a+b", buffering=0)
+        return os.open(path, flags | os.O_EXCL, mode)
+
+
+def _open_partial(path: Path) -> BinaryIO:
+    """Open (or create) a partial download to append to and reread."""
+    return os.fdopen(open_unlinked(path, os.O_RDWR | os.O_APPEND), "a+b", buffering=0)
 
 
 class Ingest:

@@ -97,7 +97,7 @@ from builder.oci import (
     Descriptor,
     layer_compression,
 )
-from builder.store import LAYOUT_VERSION, REF_NAME, Store, fsync_dir, start_writeback, write_atomic
+from builder.store import LAYOUT_VERSION, REF_NAME, Store, fsync_dir, open_unlinked, start_writeback, write_atomic
 
 MAGIC = b"IMCVOL"
 VERSION = 1
@@ -842,15 +842,8 @@ def _claim_partial(partial: Path) -> int:
     crashed process holds no lock and is simply reused. A symbolic link found there is
     removed, never written through.
     """
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        try:
-            fd = os.open(partial, flags, 0o644)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            os.unlink(partial)
-            fd = os.open(partial, flags | os.O_EXCL, 0o644)
+        fd = open_unlinked(partial, os.O_RDWR)
     except OSError as e:
         raise StoreError(f"cannot create volume {partial}: {e.strerror}") from None
     try:
