@@ -67,11 +67,13 @@ class RegistryError(ImcError):
         status: int | None = None,
         codes: tuple[str, ...] = (),
         temporary: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.codes = codes
         self.temporary = temporary
+        self.retry_after = retry_after
 
 
 class AuthError(RegistryError):
@@ -93,17 +95,24 @@ class UnsupportedError(RegistryError):
 
 
 class TransportError(ImcError):
-    """The exchange with a registry failed below HTTP: refused, reset, timed out, cut."""
+    """The exchange with a registry failed below HTTP: refused, reset, timed out, cut.
+
+    Temporary unless said otherwise: asking again may find the connection working.
+    """
 
     exit_code = 3
+    retry_after: float | None = None
 
-    temporary = True
+    def __init__(self, message: str, temporary: bool = True) -> None:
+        super().__init__(message)
+        self.temporary = temporary
 
 
 class TLSError(TransportError):
-    """TLS failed: an unverifiable certificate or a broken handshake."""
+    """TLS failed: an unverifiable certificate or a broken handshake (never temporary)."""
 
-    temporary = False
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=False)
 
 
 class StoreError(ImcError):

@@ -193,9 +193,8 @@ class Registry:
         except requests.exceptions.ConnectionError as e:
             text = str(e)
             if "NameResolution" in text or "Name or service not known" in text or "nodename" in text:
-                err = TransportError(f"cannot resolve registry host {host}")
-                err.temporary = False  # a name that does not resolve will not start to on a retry
-                raise err from None
+                # A name that does not resolve will not start to on a retry.
+                raise TransportError(f"cannot resolve registry host {host}", temporary=False) from None
             if "Connection refused" in text:
                 raise TransportError(f"cannot connect to {host}: connection refused") from None
             raise TransportError(f"connection to {host} failed: {type(e).__name__}") from None
@@ -317,13 +316,12 @@ class Registry:
             try:
                 resp = self._request_once(method, path, repository, dict(headers or {}), stream, data)
             except (TransportError, RegistryError) as e:
-                if not retry or not getattr(e, "temporary", False) or isinstance(e, TLSError):
+                if not retry or not e.temporary:
                     raise
                 failures += 1
                 if failures >= self.retry.attempts:
                     raise
-                delay = getattr(e, "retry_after", None)
-                self._sleep(delay if delay is not None else self._backoff(failures))
+                self._sleep(e.retry_after if e.retry_after is not None else self._backoff(failures))
                 continue
             return resp
 
@@ -375,10 +373,9 @@ class Registry:
         if status == 404:
             raise NotFoundError(f"{where}: not found (404){detail}", status, codes)
         if status == 429 or status >= 500:
-            err = RegistryError(f"{where}: registry answered {status}{detail}", status, codes, temporary=True)
             delay = _retry_after(resp) if status == 429 else None
-            err.retry_after = min(delay, self.retry.max_retry_after) if delay is not None else None  # type: ignore[attr-defined]
-            raise err
+            raise RegistryError(f"{where}: registry answered {status}{detail}", status, codes, temporary=True,
+                                retry_after=min(delay, self.retry.max_retry_after) if delay is not None else None)
         raise RegistryError(f"{where}: registry answered {status}{detail}", status, codes)
 
     # -- the API -------------------------------------------------------------------
