@@ -25,6 +25,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ INDEX_ANNOTATION = "dev.imc.index.digest"
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 _HASH_CHUNK = 1 << 20
 WRITEBACK_EVERY = 8 << 20
+STALE_TEMP_SECONDS = 3600
 
 
 def default_home() -> Path:
@@ -506,6 +508,14 @@ class Store:
             for partial in [*self.ingest_dir.glob("*.partial"), *self.blobs.glob("*/.*.tmp")]:
                 partial.unlink(missing_ok=True)
                 report.partials_removed += 1
+            # Metadata (unpacked sizes) is written outside pinning: only a temporary
+            # file old enough to belong to no running writer is a crash's leftover.
+            stale = time.time() - STALE_TEMP_SECONDS
+            for tmp in (self.home / "meta").glob("*/.*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    if tmp.lstat().st_mtime < stale:
+                        tmp.unlink()
+                        report.partials_removed += 1
             for lock in self.locks.glob("blob-*.lock"):
                 lock.unlink(missing_ok=True)
         return report
