@@ -96,18 +96,39 @@ _ID_RE = re.compile(r"^imc-[a-z0-9]{1,40}\Z")
 
 
 @dataclass(frozen=True)
-class TransferEvent:
-    """Progress of a push or pull, for the CLI to render.
+class PartSkipped:
+    """Part ``part`` of ``parts`` (``size`` bytes) is already in the registry: not sent."""
 
-    ``kind``: ``part-skipped`` (already in the registry), ``part-done``, ``bytes``
-    (``size`` more bytes moved; negative when a session was abandoned),
-    ``verifying`` (the pulled volume is being rehashed).
-    """
+    part: int
+    parts: int
+    size: int
 
-    kind: str
-    part: int = 0
-    parts: int = 0
-    size: int = 0
+
+@dataclass(frozen=True)
+class PartDone:
+    """Part ``part`` of ``parts`` (``size`` bytes) is moved and verified."""
+
+    part: int
+    parts: int
+    size: int
+
+
+@dataclass(frozen=True)
+class BytesMoved:
+    """``delta`` more bytes moved; negative when an upload session was abandoned."""
+
+    delta: int
+
+
+@dataclass(frozen=True)
+class Verifying:
+    """The pulled volume (``size`` bytes) is being rehashed before it is registered."""
+
+    size: int
+
+
+TransferEvent = PartSkipped | PartDone | BytesMoved | Verifying
+"""Progress of a push or pull, for the CLI to render: one type per kind of step."""
 
 
 @dataclass(frozen=True)
@@ -240,14 +261,14 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
                 A_TITLE: f"{cache.id}.imcv.{i:04d}", A_OFFSET: str(offset)}))
             if registry.blob_exists(repo, digest):
                 skipped += 1
-                emit(TransferEvent("part-skipped", i, len(parts), n))
+                emit(PartSkipped(i, len(parts), n))
                 continue
 
             def read(pos: int, count: int, base: int = offset) -> bytes:
                 return _pread(fd, base + pos, count)
 
             def moved(count: int) -> None:
-                emit(TransferEvent("bytes", 0, len(parts), count))
+                emit(BytesMoved(count))
 
             if n <= chunk_size:
                 registry.upload_blob(repo, digest, read(0, n))
@@ -256,7 +277,7 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
             else:
                 sent += registry.upload_blob_chunked(repo, digest, n, read, chunk_size, on_bytes=moved)
             uploaded += 1
-            emit(TransferEvent("part-done", i, len(parts), n))
+            emit(PartDone(i, len(parts), n))
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
@@ -471,7 +492,7 @@ def pull_cache(caches: Caches, source: Reference, policy: HostPolicy | None = No
     partial = final.with_name(final.name + ".partial")
     try:
         _download(registry, source, artifact, partial, concurrency, emit)
-        emit(TransferEvent("verifying", 0, len(artifact.parts), artifact.volume_size))
+        emit(Verifying(artifact.volume_size))
         volume = Volume.open(partial)
         report = volume.verify()
         if not report.ok:
@@ -528,12 +549,12 @@ def _download(registry: Registry, source: Reference, artifact: Artifact, partial
 
         def moved(n: int) -> None:
             with lock:
-                emit(TransferEvent("bytes", i, total, n))
+                emit(BytesMoved(n))
 
         _fetch(registry, source.repository, desc, sink, moved)
         sink.check()
         with lock:
-            emit(TransferEvent("part-done", i, total, desc.size))
+            emit(PartDone(i, total, desc.size))
 
     try:
         _reserve(fd, artifact.volume_size, partial.parent)

@@ -52,7 +52,16 @@ from builder.imagecache import (
     validate_name,
 )
 from builder.oci import Descriptor, Index, Platform
-from builder.pull import DEFAULT_CONCURRENCY, PulledImage, Puller, PullEvent
+from builder.pull import (
+    DEFAULT_CONCURRENCY,
+    BlobDone,
+    BlobProgress,
+    ImageResolved,
+    PulledImage,
+    Puller,
+    PullEvent,
+    PullPlanned,
+)
 from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain, SecretStore
 from builder.registry.hosts import HostPolicy
@@ -156,14 +165,14 @@ class _BuildProgress:
             self.forward(ev)
         with self.lock:
             event: tuple[str, str] | None = None
-            if ev.kind == "planned":
+            if isinstance(ev, PullPlanned):
                 self.total = ev.size
                 return
-            if ev.kind == "resolved":
+            if isinstance(ev, ImageResolved):
                 event = ("ImageResolved", f"{ev.image} resolved to {ev.digest}")
-            elif ev.kind == "blob-bytes":
-                self.done += ev.bytes
-            elif ev.kind == "blob-done":
+            elif isinstance(ev, BlobProgress):
+                self.done += ev.delta
+            elif isinstance(ev, BlobDone):
                 if ev.reused:
                     self.done += ev.size
                     what = "already in the store" if ev.origin == "store" else f"copied from {ev.origin}"

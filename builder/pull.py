@@ -25,30 +25,77 @@ from builder.store import Store
 
 DEFAULT_CONCURRENCY = 4
 
-
-@dataclass(frozen=True)
-class PullEvent:
-    """One step of a pull, for whoever renders progress.
-
-    kind is one of: ``resolved`` (an image's manifest is verified), ``planned`` (``size``
-    bytes in ``bytes`` distinct blobs are needed), ``blob-start``,
-    ``blob-bytes`` (``bytes`` more arrived; negative when a download restarts),
-    ``blob-done`` (``origin`` says where it came from, ``reused`` unless the registry),
-    ``image-done``.
-    """
-
-    kind: str
-    image: str = ""
-    digest: Digest | None = None
-    size: int = 0
-    bytes: int = 0
-    reused: bool = False
-    media_type: str = ""
-    origin: str = ""
-
-
 REGISTRY = "registry"
 STORE = "store"
+
+
+@dataclass(frozen=True)
+class ImageResolved:
+    """An image's manifest is fetched and verified (``size`` bytes of manifest)."""
+
+    image: str
+    digest: Digest
+    size: int
+
+
+@dataclass(frozen=True)
+class PullPlanned:
+    """The distinct blobs the pull needs, counted once however many images share them."""
+
+    blobs: int
+    size: int
+
+
+@dataclass(frozen=True)
+class BlobStarted:
+    """A blob's download from the registry begins, at ``offset`` when a partial is resumed."""
+
+    image: str
+    digest: Digest
+    size: int
+    media_type: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class BlobProgress:
+    """``delta`` more bytes of a blob arrived; negative when its download restarts."""
+
+    image: str
+    digest: Digest
+    size: int
+    media_type: str
+    delta: int
+
+
+@dataclass(frozen=True)
+class BlobDone:
+    """A blob is in the store; ``origin`` says where it came from (``registry``,
+    ``store``, or the name of the local source it was copied from)."""
+
+    image: str
+    digest: Digest
+    size: int
+    media_type: str
+    origin: str
+
+    @property
+    def reused(self) -> bool:
+        return self.origin != REGISTRY
+
+
+@dataclass(frozen=True)
+class ImageDone:
+    """An image is complete in the store, with the bytes this pull fetched and reused for it."""
+
+    image: str
+    digest: Digest
+    bytes_fetched: int
+    bytes_reused: int
+
+
+PullEvent = ImageResolved | PullPlanned | BlobStarted | BlobProgress | BlobDone | ImageDone
+"""One step of a pull, for whoever renders progress: one type per kind of step."""
 
 
 class BlobSource(Protocol):
@@ -170,7 +217,7 @@ class Puller:
             if isinstance(node, Index):
                 raise ImcError(f"{ref}: nested indexes are not supported")
         descriptor = Descriptor(node.media_type, fetched.digest, len(fetched.raw), platform)
-        self._emit(PullEvent("resolved", str(ref), fetched.digest, len(fetched.raw)))
+        self._emit(ImageResolved(str(ref), fetched.digest, len(fetched.raw)))
         return _Resolved(ref, node, descriptor, index_digest, platform, registry)
 
     def pull(self, refs: list[Reference], record: bool = True) -> PullResult:
@@ -186,7 +233,7 @@ class Puller:
             for image in resolved:
                 for desc in image.manifest.blobs():
                     jobs.setdefault(desc.digest, (image, desc))
-            self._emit(PullEvent("planned", size=sum(desc.size for _, desc in jobs.values()), bytes=len(jobs)))
+            self._emit(PullPlanned(blobs=len(jobs), size=sum(desc.size for _, desc in jobs.values())))
             origins = self._fetch_all(jobs)
             images = []
             for image in resolved:
@@ -198,8 +245,8 @@ class Puller:
                                      image.platform,
                                      [BlobOutcome(d, origins[d.digest]) for d in image.manifest.blobs()])
                 images.append(pulled)
-                self._emit(PullEvent("image-done", name, image.descriptor.digest, pulled.bytes_fetched,
-                                     pulled.bytes_reused))
+                self._emit(ImageDone(name, image.descriptor.digest, bytes_fetched=pulled.bytes_fetched,
+                                     bytes_reused=pulled.bytes_reused))
         fetched = {d: origins[d] == REGISTRY for d in jobs}
         sizes = {d: jobs[d][1].size for d in jobs}
         return PullResult(
@@ -239,7 +286,7 @@ class Puller:
         def on_bytes(n: int) -> None:
             if cancel.is_set():
                 raise _Cancelled()
-            self._emit(PullEvent("blob-bytes", name, desc.digest, desc.size, n, media_type=desc.media_type))
+            self._emit(BlobProgress(name, desc.digest, desc.size, desc.media_type, delta=n))
 
         def download(sink: BlobSink) -> None:
             nonlocal origin
@@ -253,13 +300,11 @@ class Puller:
                             sink.write(chunk)
                     return
             origin = REGISTRY
-            self._emit(PullEvent("blob-start", name, desc.digest, desc.size, sink.offset,
-                                 media_type=desc.media_type))
+            self._emit(BlobStarted(name, desc.digest, desc.size, desc.media_type, offset=sink.offset))
             image.registry.fetch_blob(image.reference.repository, desc.digest, desc.size, sink, on_bytes)
 
         if cancel.is_set():
             raise _Cancelled()
         self.store.ensure_blob(desc.digest, desc.size, download)
-        self._emit(PullEvent("blob-done", name, desc.digest, desc.size, desc.size, reused=origin != REGISTRY,
-                             media_type=desc.media_type, origin=origin))
+        self._emit(BlobDone(name, desc.digest, desc.size, desc.media_type, origin=origin))
         return origin

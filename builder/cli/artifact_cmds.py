@@ -7,7 +7,16 @@ from typing import Any
 
 import click
 
-from builder.artifact import PART_SIZE, TransferEvent, pull_cache, push_cache
+from builder.artifact import (
+    PART_SIZE,
+    BytesMoved,
+    PartDone,
+    PartSkipped,
+    TransferEvent,
+    Verifying,
+    pull_cache,
+    push_cache,
+)
 from builder.cli.common import (
     Context,
     ProgressLines,
@@ -46,17 +55,17 @@ class TransferProgress(ProgressLines):
 
     def __call__(self, event: TransferEvent) -> None:
         with self.lock:
-            if event.kind == "bytes":
-                self.bytes += event.size
-                if event.size < 0:
-                    self._line(f"  a session was lost: {human(-event.size)} go again")
+            if isinstance(event, BytesMoved):
+                self.bytes += event.delta
+                if event.delta < 0:
+                    self._line(f"  a session was lost: {human(-event.delta)} go again")
                 self._status()
-            elif event.kind == "part-done":
+            elif isinstance(event, PartDone):
                 self._line(f"  {self.verb} part {event.part + 1}/{event.parts}  {human(event.size):>10}")
-            elif event.kind == "part-skipped":
+            elif isinstance(event, PartSkipped):
                 self._line(f"  skipped  part {event.part + 1}/{event.parts}  {human(event.size):>10}  "
                            "(already in the registry)")
-            elif event.kind == "verifying":
+            elif isinstance(event, Verifying):
                 self._line(f"verifying the volume ({human(event.size)})")
 
 

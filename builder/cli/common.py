@@ -124,21 +124,23 @@ class PullProgress(ProgressLines):
         self.seen: set[Digest] = set()
 
     def __call__(self, event: PullEvent) -> None:
+        from builder.pull import BlobDone, BlobProgress, BlobStarted, ImageDone, ImageResolved  # only pulls load it
+
         with self.lock:
-            if event.kind == "resolved":
+            if isinstance(event, ImageResolved):
                 self._line(f"{event.image}: resolved {event.digest}")
-            elif event.kind == "blob-start":
-                self.bytes += event.bytes
-                if event.bytes:
-                    self._line(f"  resume {event.digest.short} at {human(event.bytes)}")  # type: ignore[union-attr]
-            elif event.kind == "blob-bytes":
-                self.bytes += event.bytes
+            elif isinstance(event, BlobStarted):
+                self.bytes += event.offset
+                if event.offset:
+                    self._line(f"  resume {event.digest.short} at {human(event.offset)}")
+            elif isinstance(event, BlobProgress):
+                self.bytes += event.delta
                 self._status()
-            elif event.kind == "blob-done" and event.digest not in self.seen:
-                self.seen.add(event.digest)  # type: ignore[arg-type]
+            elif isinstance(event, BlobDone) and event.digest not in self.seen:
+                self.seen.add(event.digest)
                 verb = "reused " if event.reused else "fetched"
-                self._line(f"  {verb} {event.digest.short}  {human(event.size):>10}  {event.media_type}")  # type: ignore[union-attr]
-            elif event.kind == "image-done":
+                self._line(f"  {verb} {event.digest.short}  {human(event.size):>10}  {event.media_type}")
+            elif isinstance(event, ImageDone):
                 self._line(f"{event.image}: complete")
 
     def cache_event(self, event: Event) -> None:

@@ -1,8 +1,9 @@
 """The CLI's surface: mirror-config snippets that parse, -o json|yaml on every
-listing, --version, shell completion."""
+listing, --version, shell completion, progress lines."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -15,9 +16,14 @@ import yaml
 from click.testing import CliRunner
 
 from builder import __version__
+from builder.artifact import BytesMoved, PartDone, PartSkipped, Verifying
 from builder.caches import Caches
 from builder.cli import cli
+from builder.cli.artifact_cmds import TransferProgress
+from builder.cli.common import PullProgress
+from builder.digest import Digest
 from builder.imagecache import CacheSpec
+from builder.pull import BlobDone, BlobProgress, BlobStarted, ImageDone, ImageResolved, PullPlanned
 
 
 def run(home: Path, *args: str) -> tuple[int, str]:
@@ -131,3 +137,43 @@ def test_bash_completion_through_click(tmp_path: Path) -> None:
                                             "COMP_CWORD": "2"}, capture_output=True, text=True, timeout=30,
                            check=False)
     assert words.stdout.split() == ["plain,pull", "plain,push"]
+
+
+# -- progress --------------------------------------------------------------------------
+
+
+def test_pull_progress_renders_each_kind_of_event() -> None:
+    layer, config, manifest = Digest.of(b"layer"), Digest.of(b"config"), Digest.of(b"manifest")
+    out = io.StringIO()
+    progress = PullProgress(out)
+    for event in (ImageResolved("r/app:v1", manifest, 500), PullPlanned(blobs=2, size=3000),
+                  BlobStarted("r/app:v1", layer, 2000, "layer", offset=700),
+                  BlobProgress("r/app:v1", layer, 2000, "layer", delta=1300),
+                  BlobDone("r/app:v1", layer, 2000, "layer", origin="registry"),
+                  BlobDone("r/app:v1", config, 1000, "config", origin="store"),
+                  BlobDone("r/app:v1", config, 1000, "config", origin="store"),
+                  ImageDone("r/app:v1", manifest, bytes_fetched=2000, bytes_reused=1000)):
+        progress(event)
+    assert out.getvalue().splitlines() == [
+        f"r/app:v1: resolved {manifest}",
+        f"  resume {layer.short} at 700 B",
+        f"  fetched {layer.short}      2.0 kB  layer",
+        f"  reused  {config.short}      1.0 kB  config",
+        "r/app:v1: complete",
+    ]
+    assert progress.bytes == 2000  # the resumed offset and the bytes that arrived after it
+
+
+def test_transfer_progress_renders_each_kind_of_event() -> None:
+    out = io.StringIO()
+    progress = TransferProgress("uploaded", out)
+    for event in (PartSkipped(0, 2, 4000), BytesMoved(3000), BytesMoved(-1000), BytesMoved(3000), PartDone(1, 2, 5000),
+                  Verifying(9000)):
+        progress(event)
+    assert out.getvalue().splitlines() == [
+        "  skipped  part 1/2      4.0 kB  (already in the registry)",
+        "  a session was lost: 1.0 kB go again",
+        "  uploaded part 2/2      5.0 kB",
+        "verifying the volume (9.0 kB)",
+    ]
+    assert progress.bytes == 5000

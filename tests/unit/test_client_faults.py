@@ -37,7 +37,7 @@ from builder.errors import (
     UnsupportedError,
 )
 from builder.oci import MAX_MANIFEST_SIZE, OCI_INDEX, Descriptor, Platform, parse_manifest
-from builder.pull import Puller
+from builder.pull import BlobProgress, Puller
 from builder.reference import parse
 from builder.registry.auth import DockerConfig, Keychain, TokenCache
 from builder.registry.client import Registry, RetryPolicy
@@ -216,7 +216,7 @@ def test_pull_restarts_when_resume_is_ignored_end_to_end(server, tmp_path):
     puller(server, store, on_event=events.append).pull([parse(f"{server.reference}:v1")])
     assert server.ranges(path) == [None, "bytes=50000-"]
     assert_verified(store, image.layers[0])
-    moved = sum(e.bytes for e in events if e.kind == "blob-bytes" and str(e.digest) == image.layers[0].digest)
+    moved = sum(e.delta for e in events if isinstance(e, BlobProgress) and str(e.digest) == image.layers[0].digest)
     assert moved == len(layer)
 
 
