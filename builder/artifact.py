@@ -77,6 +77,7 @@ from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain
 from builder.registry.client import UPLOAD_CHUNK, BlobSink, Registry, RetryPolicy
 from builder.registry.hosts import HostPolicy
+from builder.store import pread_exact
 from builder.volume import Volume
 
 ARTIFACT_TYPE = "application/vnd.imc.snapshot.v1"
@@ -191,23 +192,11 @@ def _plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
     return [(offset, min(part_size, size - offset)) for offset in range(0, size, part_size)] or [(0, 0)]
 
 
-def _pread(fd: int, offset: int, n: int) -> bytes:
-    data = os.pread(fd, n, offset)
-    while len(data) < n:
-        more = os.pread(fd, n - len(data), offset + len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
 def _hash_range(fd: int, offset: int, size: int) -> Digest:
     h = hashlib.sha256()
     pos = offset
     while pos < offset + size:
-        data = _pread(fd, pos, min(_READ, offset + size - pos))
-        if not data:
-            raise StoreError(f"the volume ends at {pos} bytes, before {offset + size}")
+        data = pread_exact(fd, pos, min(_READ, offset + size - pos), "the volume being pushed")
         h.update(data)
         pos += len(data)
     return Digest("sha256", h.hexdigest())
@@ -265,7 +254,7 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
                 continue
 
             def read(pos: int, count: int, base: int = offset) -> bytes:
-                return _pread(fd, base + pos, count)
+                return pread_exact(fd, base + pos, count, "the volume being pushed")
 
             def moved(count: int) -> None:
                 emit(BytesMoved(count))

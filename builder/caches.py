@@ -406,7 +406,7 @@ class Caches:
         blobs = self._blobs(resolved)
         if early:
             # Usable now if the layers' own size headers fit; the exact count follows.
-            declared = sum(volumes.declared_unpacked_size(self.store, b) for b in blobs)
+            declared = sum(self.store.declared_unpacked_size(b) for b in blobs)
             self._check_capacity(declared, spec.size_gib)
 
             def flash_ready(c: ImageCache) -> None:
@@ -540,7 +540,7 @@ class Caches:
         """The blobs' unpacked size, or any number above ``limit`` once it is exceeded."""
         total = 0
         for blob in blobs:
-            total += volumes.unpacked_size(self.store, blob, limit=limit - total)
+            total += self.store.unpacked_size(blob, limit=limit - total)
             if total > limit:
                 break
         return total

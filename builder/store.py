@@ -6,6 +6,7 @@ Layout under imc's home::
     ingest/           partial downloads, resumable, never visible under blobs/
     locks/            flock files: one per blob being fetched, the index, and gc
     quarantine/       blobs that failed verification, kept for inspection
+    meta/unpacked/    each compressed layer's unpacked size, by digest, counted once
 
 A blob appears under ``blobs/`` only by an atomic rename after its size and digest
 were checked, so whatever is there is complete and verified. One download per digest
@@ -26,15 +27,26 @@ import shutil
 import stat
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from builder import faults
+import zstandard
+
+from builder import compression, faults
 from builder.digest import Digest, hash_file
 from builder.errors import DigestMismatchError, NotFoundLocalError, StoreError
-from builder.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Index, Manifest, parse_manifest
+from builder.oci import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Descriptor,
+    Index,
+    Manifest,
+    layer_compression,
+    parse_manifest,
+)
 
 REF_NAME = "org.opencontainers.image.ref.name"
 INDEX_ANNOTATION = "dev.imc.index.digest"
@@ -117,6 +129,18 @@ def flocked(path: Path, shared: bool = False, blocking: bool = True) -> Iterator
         yield True
     finally:
         os.close(fd)
+
+
+def pread_exact(fd: int, offset: int, n: int, what: str) -> bytes:
+    """Exactly ``n`` bytes at ``offset`` (``os.pread`` may return fewer); a file that
+    ends first raises ``StoreError("<what>: the file ends early (truncated)")``."""
+    data = os.pread(fd, n, offset)
+    while len(data) < n:
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            raise StoreError(f"{what}: the file ends early (truncated)")
+        data += more
+    return data
 
 
 def open_unlinked(path: Path, flags: int, mode: int = 0o644) -> int:
@@ -253,6 +277,7 @@ class Store:
         self.ingest_dir = self.home / "ingest"
         self.locks = self.home / "locks"
         self.quarantine = self.home / "quarantine"
+        self.unpacked_dir = self.home / "meta" / "unpacked"
         self._ensure_layout()
 
     def _ensure_layout(self) -> None:
@@ -440,6 +465,81 @@ class Store:
             if image.index_digest:
                 live.add(image.index_digest)
         return live
+
+    # -- unpacked sizes: metadata kept per layer digest ---------------------------
+
+    def _unpacked_record(self, digest: Digest) -> Path:
+        return self.unpacked_dir / f"{digest.algorithm}-{digest.hex}"
+
+    def unpacked_size(self, desc: Descriptor, limit: int | None = None) -> int:
+        """The uncompressed size of a layer (a non-layer blob's or plain tar's own size).
+
+        Decompresses a gzip or zstd layer once ever: the answer is kept under
+        ``<home>/meta/unpacked`` by digest. With ``limit``, decompression stops as soon
+        as the count passes it and that count (> limit) is returned unrecorded, which
+        bounds the work a decompression bomb can cause. Data that does not decompress
+        raises ``StoreError``; a blob whose bytes do not match its digest,
+        ``DigestMismatchError``.
+        """
+        kind = layer_compression(desc.media_type)
+        if kind not in ("gzip", "zstd"):
+            return desc.size
+        record = self._unpacked_record(desc.digest)
+        with contextlib.suppress(OSError, ValueError):
+            return int(record.read_bytes())
+        h = desc.digest.hasher()
+        size = 0
+
+        def chunks(src: BinaryIO) -> Iterator[bytes]:
+            nonlocal size
+            while data := src.read(compression.READ_SIZE):
+                h.update(data)
+                size += len(data)
+                yield data
+
+        try:
+            with self.open_blob(desc.digest) as src:
+                count = compression.unpacked_count(kind, chunks(src), limit)
+        except compression.LimitReached as stop:
+            return int(stop.args[0])
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise StoreError(f"layer {desc.digest} does not decompress: {e}") from None
+        except OSError as e:
+            raise StoreError(f"cannot read layer {desc.digest}: {e.strerror}") from None
+        if size != desc.size or h.hexdigest() != desc.digest.hex:
+            raise DigestMismatchError(f"layer {desc.digest} in the store is corrupt")
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(record, str(count).encode())
+        except OSError as e:
+            raise StoreError(f"cannot record the unpacked size of {desc.digest}: {e.strerror}") from None
+        return count
+
+    def declared_unpacked_size(self, desc: Descriptor) -> int:
+        """What a layer says its uncompressed size is, without decompressing it.
+
+        The gzip ISIZE trailer (exact below 4 GiB) or the first zstd frame's content
+        size; a layer already counted by ``unpacked_size`` answers from that record. It
+        is an estimate a crafted layer can lie in, so it only gates what can be checked
+        fast (a flash cache's early readiness); ``unpacked_size`` is the real count.
+        """
+        kind = layer_compression(desc.media_type)
+        if kind not in ("gzip", "zstd"):
+            return desc.size
+        with contextlib.suppress(OSError, ValueError):
+            return int(self._unpacked_record(desc.digest).read_bytes())
+        try:
+            with self.open_blob(desc.digest) as f:
+                if kind == "gzip":
+                    f.seek(-4, os.SEEK_END)
+                    return max(int.from_bytes(f.read(4), "little"), desc.size)
+                params = zstandard.get_frame_parameters(f.read(18))
+        except (OSError, zstandard.ZstdError):
+            return desc.size
+        declared = params.content_size
+        return max(declared, desc.size) if declared not in (0, zstandard.CONTENTSIZE_UNKNOWN) else desc.size
+
+    # -- maintenance -------------------------------------------------------------
 
     def all_blobs(self) -> Iterator[tuple[Digest, Path]]:
         """Every blob file present, as (digest, path)."""

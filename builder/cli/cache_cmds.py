@@ -26,6 +26,7 @@ from builder.cli.common import (
     show,
 )
 from builder.errors import ImcError, ValidationError
+from builder.export import export_oci_archive
 from builder.imagecache import (
     FAILED,
     SIZE_DEFAULT,
@@ -35,7 +36,7 @@ from builder.imagecache import (
     Settings,
     spec_from_object,
 )
-from builder.volume import Volume, export_oci_archive
+from builder.volume import Volume
 
 MAX_DOCUMENT_BYTES = 1 << 20
 

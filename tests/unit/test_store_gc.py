@@ -6,7 +6,10 @@ import os
 import time
 from pathlib import Path
 
-from builder.store import STALE_TEMP_SECONDS, Store
+import pytest
+
+from builder.errors import StoreError
+from builder.store import STALE_TEMP_SECONDS, Store, pread_exact
 
 
 def test_gc_removes_stale_temporary_files_and_keeps_fresh_ones(tmp_path: Path) -> None:
@@ -23,3 +26,17 @@ def test_gc_removes_stale_temporary_files_and_keeps_fresh_ones(tmp_path: Path) -
     report = store.gc()
     assert not stale.exists() and fresh.exists() and not blob_tmp.exists()
     assert report.partials_removed == 2
+
+
+def test_pread_exact_reads_across_short_reads_and_names_a_truncated_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(100)))
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: real(fd, min(n, 7), offset))  # short reads
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert pread_exact(fd, 10, 50, "f") == bytes(range(10, 60))
+        with pytest.raises(StoreError, match=r"^volume f: the file ends early"):
+            pread_exact(fd, 90, 20, "volume f")
+    finally:
+        os.close(fd)

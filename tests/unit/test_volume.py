@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from builder import volume as vol
+from builder import compression
 from builder.digest import Digest
 from builder.errors import (
     CapacityError,
@@ -28,6 +28,7 @@ from builder.errors import (
     StoreError,
     ValidationError,
 )
+from builder.export import export_oci_archive
 from builder.oci import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -40,9 +41,7 @@ from builder.volume import (
     CHUNK_SIZE,
     PackProgress,
     Volume,
-    export_oci_archive,
     pack,
-    unpacked_size,
 )
 
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -342,7 +341,7 @@ def test_pack_out_of_space_fails_cleanly(packed, tmp_path, monkeypatch, fail_at)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(vol.os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     with pytest.raises(StoreError, match="no space left"):
         pack(packed["store"], packed["oci"].blobs, tmp_path / "v.imcvol", GIB, {})
     monkeypatch.undo()
@@ -513,55 +512,55 @@ def _cached(store: Store, desc: Descriptor) -> Path:
 def test_unpacked_size_of_every_kind(tmp_path, content):
     store = Store(tmp_path / "home")
     small = content["small_tar"]
-    assert unpacked_size(store, _layer(store, OCI_GZIP, content["gzip"])) == len(small)
-    assert unpacked_size(store, _layer(store, DOCKER_GZIP, content["gzip"])) == len(small)
-    assert unpacked_size(store, _layer(store, OCI_ZSTD, content["zstd"])) == len(content["zstd_tar"])
+    assert store.unpacked_size(_layer(store, OCI_GZIP, content["gzip"])) == len(small)
+    assert store.unpacked_size(_layer(store, DOCKER_GZIP, content["gzip"])) == len(small)
+    assert store.unpacked_size(_layer(store, OCI_ZSTD, content["zstd"])) == len(content["zstd_tar"])
     tar = _layer(store, OCI_TAR, small)
-    assert unpacked_size(store, tar) == len(small)
+    assert store.unpacked_size(tar) == len(small)
     assert not _cached(store, tar).exists()  # nothing to decompress, nothing to cache
     config = _layer(store, OCI_CONFIG, b'{"os": "linux"}')
-    assert unpacked_size(store, config) == config.size
+    assert store.unpacked_size(config) == config.size
 
 
 def test_unpacked_size_of_multi_member_gzip_and_multi_frame_zstd(tmp_path):
     store = Store(tmp_path / "home")
     a, b = b"first member\n" * 5000, os.urandom(300_000)
     members = gzip.compress(a, mtime=0) + gzip.compress(b, mtime=0) + b"\0" * 16  # zero padding is allowed
-    assert unpacked_size(store, _layer(store, OCI_GZIP, members)) == len(a) + len(b)
+    assert store.unpacked_size(_layer(store, OCI_GZIP, members)) == len(a) + len(b)
     cctx = zstandard.ZstdCompressor(level=1)
     skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
     frames = cctx.compress(a) + skippable + cctx.compress(b)
-    assert unpacked_size(store, _layer(store, OCI_ZSTD, frames)) == len(a) + len(b)
+    assert store.unpacked_size(_layer(store, OCI_ZSTD, frames)) == len(a) + len(b)
     chunked = io.BytesIO()
     with zstandard.ZstdCompressor(level=1).stream_writer(chunked, closefd=False) as w:  # no content size
         w.write(a)
-    assert unpacked_size(store, _layer(store, OCI_ZSTD, chunked.getvalue())) == len(a)
+    assert store.unpacked_size(_layer(store, OCI_ZSTD, chunked.getvalue())) == len(a)
 
 
 def test_unpacked_size_is_cached_per_digest(tmp_path, content):
     store = Store(tmp_path / "home")
     desc = _layer(store, OCI_GZIP, content["gzip"])
-    first = unpacked_size(store, desc)
+    first = store.unpacked_size(desc)
     assert _cached(store, desc).read_text() == str(first)
     os.unlink(store.blob_path(desc.digest))  # the answer no longer needs the blob
-    assert unpacked_size(store, desc) == first
+    assert store.unpacked_size(desc) == first
     other = Descriptor(OCI_GZIP, Digest.of(b"gone"), 4)
     with pytest.raises(NotFoundLocalError):
-        unpacked_size(store, other)
+        store.unpacked_size(other)
 
 
 def test_unpacked_size_limit_bounds_a_bomb(tmp_path):
     store = Store(tmp_path / "home")
     bomb = _layer(store, OCI_GZIP, gzip.compress(bytes(50 << 20), compresslevel=1, mtime=0))
     started = time.monotonic()
-    count = unpacked_size(store, bomb, limit=1 << 20)
+    count = store.unpacked_size(bomb, limit=1 << 20)
     assert (1 << 20) < count < (50 << 20)
     assert time.monotonic() - started < 1.0
     assert not _cached(store, bomb).exists()  # a truncated count is never remembered
     zbomb = _layer(store, OCI_ZSTD, zstandard.ZstdCompressor(level=1).compress(bytes(50 << 20)))
-    assert (1 << 20) < unpacked_size(store, zbomb, limit=1 << 20) < (50 << 20)
+    assert (1 << 20) < store.unpacked_size(zbomb, limit=1 << 20) < (50 << 20)
     assert not _cached(store, zbomb).exists()
-    assert unpacked_size(store, bomb, limit=100 << 20) == 50 << 20  # under the limit: exact, and cached
+    assert store.unpacked_size(bomb, limit=100 << 20) == 50 << 20  # under the limit: exact, and cached
     assert _cached(store, bomb).exists()
 
 
@@ -576,7 +575,7 @@ def test_unpacked_size_of_corrupt_layers(tmp_path, content, kind):
     }[kind]
     desc = _layer(store, OCI_GZIP if kind.startswith("gzip") else OCI_ZSTD, data)
     with pytest.raises(StoreError, match=f"layer {desc.digest} does not decompress"):
-        unpacked_size(store, desc)
+        store.unpacked_size(desc)
     assert not _cached(store, desc).exists()
 
 
@@ -587,11 +586,11 @@ def test_unpacked_size_notices_a_corrupt_store_blob(tmp_path, content):
     os.chmod(path, 0o644)
     path.write_bytes(gzip.compress(b"something else", mtime=0))
     with pytest.raises(DigestMismatchError):
-        unpacked_size(store, desc)
+        store.unpacked_size(desc)
 
 
 def test_zstd_walker_follows_frames():
-    walker = vol._ZstdFrameWalker()
+    walker = compression.ZstdFrameWalker()
     data = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(os.urandom(200_000) + bytes(300_000))
     for i in range(0, len(data), 7):  # headers split across feeds
         walker.feed(data[i:i + 7])
