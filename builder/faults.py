@@ -10,6 +10,7 @@ calls ``checkpoint(stage)`` at its stage boundaries:
     flash-ready    caches: a flash cache was recorded Ready (served from staging)
     packing        caches: the volume is about to be packed
     pack-midway    volume.pack: some blobs, not all, are written to the partial file
+    export-midway  export: some blobs, not all, are written to the archive
     switched       caches: the record points at the new volume; older ones not yet removed
     gc-locked      store.gc: the exclusive gc lock is held, nothing removed yet
 

@@ -26,7 +26,7 @@ from builder.cli.common import (
     show,
 )
 from builder.errors import ImcError, ValidationError
-from builder.export import export_oci_archive
+from builder.export import FORMATS, OCI_ARCHIVE, export_archive, stream_archive
 from builder.imagecache import (
     FAILED,
     SIZE_DEFAULT,
@@ -304,16 +304,33 @@ def volume_verify(ctx: Context, name: str, output: str) -> None:
 
 @volume.command("export")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["oci-archive"]), default="oci-archive", show_default=True)
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The archive to write.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=OCI_ARCHIVE, show_default=True,
+              help="docker-archive: every image with its tags, for docker load and podman load. "
+                   "oci-archive: an OCI layout, for skopeo copy (and podman load of a single image).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="The archive to write; '-' writes it to standard output, for a pipe.")
+@click.option("--image", "images", multiple=True, metavar="REF",
+              help="Export only this image of the cache (repeatable); default: all of them.")
 @pass_ctx
-def volume_export(ctx: Context, name: str, fmt: str, out: Path) -> None:
-    """Write the cache's images as an OCI archive (for podman load, skopeo copy oci-archive:)."""
+def volume_export(ctx: Context, name: str, fmt: str, out: str, images: tuple[str, ...]) -> None:
+    """Write the cache's images as one archive another tool loads.
+
+    \b
+      imc volume export web --format docker-archive -o web.tar && podman load -i web.tar
+      imc volume export web --format docker-archive -o - | docker load
+      imc volume export web -o web-oci.tar && skopeo copy oci-archive:web-oci.tar:REF DEST
+    """
     vol = open_volume(ctx.caches, name)
-    export_oci_archive(vol, out)
-    click.echo(f"wrote {out} ({human(out.stat().st_size)}): " +
-               ", ".join(i["name"] for i in vol.meta.get("images", [])))
+    if out == "-":
+        if sys.stdout.isatty():
+            raise ValidationError("refusing to write an archive to a terminal: pipe it (-o - | podman load) "
+                                  "or name a file with -o")
+        exported = stream_archive(vol, fmt, sys.stdout.buffer, images)
+        click.echo(f"wrote {fmt} to standard output: {', '.join(exported)}", err=True)
+        return
+    path = Path(out)
+    exported = export_archive(vol, fmt, path, images)
+    click.echo(f"wrote {path} ({human(path.stat().st_size)}): {', '.join(exported)}")
 
 
 @click.group()

@@ -1,4 +1,4 @@
-"""Snapshot volumes: packing, reading back byte-exact, damage, OCI export, unpacked sizes."""
+"""Snapshot volumes: packing, reading back byte-exact, damage, archive export, unpacked sizes."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from builder.errors import (
     StoreError,
     ValidationError,
 )
-from builder.export import export_oci_archive
+from builder.export import export_archive, repo_tag, stream_archive
 from builder.oci import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -434,7 +434,7 @@ def _skopeo(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def archive(packed):
     out = packed["root"] / "export.tar"
-    export_oci_archive(packed["volume"], out)
+    export_archive(packed["volume"], "oci-archive", out)
     return out
 
 
@@ -483,7 +483,7 @@ def test_export_refuses_a_name_skopeo_would_reject(packed, tmp_path):
     volume = Volume.open(packed["path"])
     volume.meta = {**volume.meta, "images": [{**volume.meta["images"][0], "name": "bad name"}]}
     with pytest.raises(ValidationError):
-        export_oci_archive(volume, tmp_path / "x.tar")
+        export_archive(volume, "oci-archive", tmp_path / "x.tar")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -493,8 +493,91 @@ def test_export_rehashes_and_leaves_nothing_on_damage(packed, tmp_path):
     raw = volume.entry(packed["oci"].layers[0].digest)
     _flip(copy, raw.offset + 10)
     with pytest.raises(DigestMismatchError):
-        export_oci_archive(volume, tmp_path / "x.tar")
+        export_archive(volume, "oci-archive", tmp_path / "x.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.imcvol"]
+
+
+# -- docker-archive export, and writing archives -------------------------------------------
+
+
+def test_docker_archive_lists_each_image_with_its_tag_and_each_blob_once(packed, tmp_path):
+    out = tmp_path / "d.tar"
+    assert export_archive(packed["volume"], "docker-archive", out) == [i["name"] for i in packed["meta"]["images"]]
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        for name in names:
+            if name.startswith("blobs/sha256/") and not name.endswith("/"):
+                assert hashlib.sha256(tar.extractfile(name).read()).hexdigest() == name.rsplit("/", 1)[1]
+    assert len(names) == len(set(names))
+    expected = []
+    for key, image in (("oci", packed["meta"]["images"][0]), ("docker", packed["meta"]["images"][1])):
+        expected.append({"Config": f"blobs/sha256/{packed[key].config.digest.hex}", "RepoTags": [image["name"]],
+                         "Layers": [f"blobs/sha256/{d.digest.hex}" for d in packed[key].layers]})
+    assert manifest == expected
+    # the gzip layer both images share is there once; the manifests are not there at all
+    blobs = {n.rsplit("/", 1)[1] for n in names if n.startswith("blobs/sha256/") and not n.endswith("/")}
+    assert blobs == {d.digest.hex for key in ("oci", "docker") for d in (packed[key].config, *packed[key].layers)}
+
+
+def test_stream_and_file_exports_are_the_same_bytes(packed, tmp_path):
+    sink = io.BytesIO()
+    assert stream_archive(packed["volume"], "docker-archive", sink, ["127.0.0.1:5000/fixtures/docker-app:2.0"]) == [
+        "127.0.0.1:5000/fixtures/docker-app:2.0"]
+    export_archive(packed["volume"], "docker-archive", tmp_path / "d.tar", ["127.0.0.1:5000/fixtures/docker-app:2.0"])
+    assert sink.getvalue() == (tmp_path / "d.tar").read_bytes()
+    assert len(sink.getvalue()) % tarfile.RECORDSIZE == 0
+
+
+@pytest.mark.parametrize(("name", "tag"), [
+    ("127.0.0.1:5000/fixtures/app:1.0", "127.0.0.1:5000/fixtures/app:1.0"),
+    ("alpine", "alpine:latest"),
+    ("docker.io/library/alpine:3.19@sha256:" + "a" * 64, "docker.io/library/alpine:3.19"),
+    ("ghcr.io/o/r@sha256:" + "a" * 64, None),
+])
+def test_repo_tag(name, tag):
+    assert repo_tag(name) == tag
+
+
+def test_export_of_an_image_the_volume_lacks_writes_nothing(packed, tmp_path):
+    with pytest.raises(NotFoundLocalError, match="is not in cache"):
+        export_archive(packed["volume"], "docker-archive", tmp_path / "x.tar", ["127.0.0.1:5000/fixtures/nope:1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named-partial"])
+def test_a_failing_write_leaves_the_old_archive_and_nothing_else(packed, tmp_path, monkeypatch, tmpfile):
+    if not tmpfile:  # a file system without O_TMPFILE: a hidden partial file stands in
+        real_open = os.open
+
+        def no_tmpfile(path, flags, *args, **kw):
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            return real_open(path, flags, *args, **kw)
+
+        monkeypatch.setattr(os, "open", no_tmpfile)
+    out = tmp_path / "x.tar"
+    out.write_bytes(b"previous")
+    writes = 0
+    real_fdopen = os.fdopen
+
+    class Failing(io.BufferedWriter):
+        def write(self, data):
+            nonlocal writes
+            writes += 1
+            if writes > 20:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode, buffering: Failing(io.FileIO(fd, "w"), buffering))
+    with pytest.raises(StoreError, match="no space left"):
+        export_archive(packed["volume"], "docker-archive", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tar"] and out.read_bytes() == b"previous"
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    export_archive(packed["volume"], "docker-archive", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tar"]
+    with tarfile.open(out) as tar:
+        assert "manifest.json" in tar.getnames()
 
 
 # -- unpacked sizes --------------------------------------------------------------------
