@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import regfix
 from harness import IMC, Table, fresh_dir, mb, run_measured, side_by_side
 
 ROUNDS = 3
@@ -109,7 +110,7 @@ health: {{storagedriver: {{enabled: false}}}}
         for ns, dev in ((("ip", "netns", "exec", NETNS), NS_IF), ((), HOST_IF)):
             _sh(*ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
                 "latency", "50ms")
-        proc = subprocess.Popen(["ip", "netns", "exec", NETNS, "docker-registry", "serve", str(config)],
+        proc = subprocess.Popen(["ip", "netns", "exec", NETNS, regfix.registry_bin(), "serve", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         endpoint = f"{NS_IP}:5000"
         deadline = time.monotonic() + 15

@@ -3,9 +3,12 @@
 # docker-registry (registry:2), skopeo (the peer we verify and benchmark against) and
 # podman (podman load takes the exported archives whole). apt-get waits for a lock
 # another install holds instead of failing.
+# A registry binary named registry (upstream distribution, Fedora's docker-distribution)
+# or given by IMC_REGISTRY_BIN counts as installed.
 set -euo pipefail
 missing=()
-command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+[ -n "${IMC_REGISTRY_BIN:-}" ] || command -v docker-registry >/dev/null 2>&1 || command -v registry >/dev/null 2>&1 \
+    || missing+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
 command -v podman >/dev/null 2>&1 || missing+=(podman)
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,7 +58,10 @@ TOKEN_ISSUER = "token-issuer"
 USERNAME = "imc-user"
 ISSUER_NAME = "imc-test-issuer"
 SERVICE_NAME = "imc-test-registry"
-REGISTRY_BIN = "/usr/bin/docker-registry"
+REGISTRY_BIN_ENV = "IMC_REGISTRY_BIN"
+# Debian and Ubuntu (package docker-registry) name the binary docker-registry; upstream
+# distribution and Fedora (package docker-distribution) name it registry.
+REGISTRY_BIN_NAMES = ("docker-registry", "registry")
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 DEFAULT_RUN_DIR = imagegen.REPO_ROOT / ".run"
@@ -104,6 +108,27 @@ class _Process:
     popen: subprocess.Popen[bytes] | None = None
 
 
+def registry_bin() -> str:
+    """The distribution (registry:2) binary: ``$IMC_REGISTRY_BIN``, else the first of
+    ``docker-registry`` and ``registry`` on PATH.
+
+    Looked up when the registries start, not hard-coded, so the fixtures run wherever a
+    distribution registry is installed; when none is, the error says what to install.
+    """
+    configured = os.environ.get(REGISTRY_BIN_ENV)
+    if configured:
+        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
+            raise RuntimeError(f"{REGISTRY_BIN_ENV}={configured} is not an executable file")
+        return configured
+    for name in REGISTRY_BIN_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError("no registry:2 binary: neither docker-registry nor registry is on PATH; install "
+                       "docker-registry (Debian, Ubuntu) or docker-distribution (Fedora), or set "
+                       f"{REGISTRY_BIN_ENV} to the binary")
+
+
 def free_port() -> int:
     """A currently free loopback port (bind to port 0 and release it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -148,6 +173,7 @@ class RegistrySet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(exist_ok=True)
         try:
+            binary = registry_bin()
             ca_file = self._make_tls() if "tls" in self.modes else None
             htpasswd = self._make_htpasswd() if {"basic", "token"} & set(self.modes) else None
             token_url = self._start_token_issuer(htpasswd) if "token" in self.modes else None
@@ -167,7 +193,7 @@ class RegistrySet:
                     password=self.password if mode in ("basic", "token") else None,
                     token_url=token_url if mode == "token" else None,
                 )
-                self._spawn(_Process(mode, [REGISTRY_BIN, "serve", str(config_path)], mode_dir / "registry.log",
+                self._spawn(_Process(mode, [binary, "serve", str(config_path)], mode_dir / "registry.log",
                                      endpoint.url("/v2/"), endpoint.verify))
                 self.endpoints[mode] = endpoint
         except BaseException:
