@@ -5,8 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN    := .run
+IMC    ?= $(VENV)/bin/imc
 
-.PHONY: install system-deps test demo bench fixtures registry-up registry-down lint clean
+.PHONY: install system-deps test demo bench fixtures registry-up registry-down snapshot lint clean
 
 install: system-deps $(STAMP)
 
@@ -37,9 +38,17 @@ registry-down:
 	@if [ -x $(PY) ]; then $(PY) registry-fixtures/regfix.py down --state $(RUN)/registries.json; \
 	 else echo "nothing to stop"; fi
 
+# make snapshot NAME=web IMAGES="localhost:5000/app:1.0 localhost:5000/db:2" [PLAIN_HTTP=localhost:5000]
+#               [INSECURE=LIST] [SIZE=GiB] [PUSH=registry.example.com/imc/web:v1] [IMC_HOME=DIR] [IMC=PATH]
+# Installs the venv only when $(IMC) is missing (no apt: imc needs neither registry nor skopeo).
+snapshot:
+	@[ -x '$(IMC)' ] || $(MAKE) --no-print-directory $(STAMP)
+	@$(PYTHON) scripts/snapshot.py --name '$(NAME)' --images '$(IMAGES)' --plain-http '$(PLAIN_HTTP)' \
+	    --insecure '$(INSECURE)' --size '$(SIZE)' --push '$(PUSH)' --home '$(IMC_HOME)' --imc '$(IMC)'
+
 lint: install
 	$(PY) -m pip install -q --disable-pip-version-check ruff
-	$(VENV)/bin/ruff check builder tests registry-fixtures bench
+	$(VENV)/bin/ruff check builder tests registry-fixtures bench scripts
 
 clean: registry-down
 	rm -rf $(VENV) $(RUN) .fixtures-cache
