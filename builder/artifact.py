@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.caches import BuildLease, Caches
-from builder.digest import Digest
+from builder.digest import Digest, Verifier, verify_bytes
 from builder.errors import (
     CacheStateError,
     DigestMismatchError,
@@ -347,32 +347,25 @@ class _PartSink:
 
     def __init__(self, fd: int, base: int, desc: Descriptor) -> None:
         self.fd, self.base, self.desc = fd, base, desc
-        self._offset = 0
-        self._hash = desc.digest.hasher()
+        self._verifier = Verifier(desc.digest, desc.size, f"part {desc.digest}")
 
     @property
     def offset(self) -> int:
-        return self._offset
+        return self._verifier.count
 
     def write(self, data: memoryview | bytes) -> None:
-        if self._offset + len(data) > self.desc.size:
-            raise DigestMismatchError(f"part {self.desc.digest} is longer than its {self.desc.size} bytes")
+        pos = self.base + self._verifier.count
+        self._verifier.update(data)  # first: a part longer than declared is refused before it is written
         view = memoryview(data)
-        pos = self.base + self._offset
         while view:
             n = os.pwrite(self.fd, view, pos)
             view, pos = view[n:], pos + n
-        self._hash.update(data)
-        self._offset += len(data)
 
     def reset(self) -> None:
-        self._offset = 0
-        self._hash = self.desc.digest.hasher()
+        self._verifier.reset()
 
     def check(self) -> None:
-        if self._offset != self.desc.size or self._hash.hexdigest() != self.desc.digest.hex:
-            raise DigestMismatchError(f"part {self.desc.digest} does not verify: its bytes hash to "
-                                      f"sha256:{self._hash.hexdigest()}")
+        self._verifier.verify()
 
 
 def _fetch(registry: Registry, repository: str, desc: Descriptor, sink: BlobSink,
@@ -384,8 +377,7 @@ def _read_config(registry: Registry, source: Reference, artifact: Artifact) -> d
     sink = _MemorySink()
     _fetch(registry, source.repository, artifact.config, sink)
     data = bytes(sink.data)
-    if Digest.of(data) != artifact.config.digest:
-        raise DigestMismatchError(f"{source}: config {artifact.config.digest} does not verify")
+    verify_bytes(data, artifact.config.digest, f"{source}: config {artifact.config.digest}")
     try:
         obj = json.loads(data)
     except ValueError:

@@ -57,9 +57,55 @@ class Digest:
 
 def verify_bytes(data: bytes, expected: Digest, what: str = "content") -> None:
     """Raise ``DigestMismatchError`` unless ``data`` hashes to ``expected``."""
-    actual = Digest.of(data, expected.algorithm)
-    if actual != expected:
-        raise DigestMismatchError(f"{what} digest mismatch: expected {expected}, got {actual}")
+    verifier = Verifier(expected, what=what)
+    verifier.update(data)
+    verifier.verify()
+
+
+class Verifier:
+    """The one check that content is what its digest (and size) say, for bytes that
+    stream by in pieces: every download, copy and export feeds one of these, so a
+    blob is judged the same way wherever it travels.
+
+    With ``size``, a piece that would run past it raises at once: bytes beyond the
+    declared size can never become the blob, and stopping early bounds what a hostile
+    source can make imc write.
+    """
+
+    def __init__(self, expected: Digest, size: int | None = None, what: str | None = None) -> None:
+        self.expected = expected
+        self.size = size
+        self.what = what or f"blob {expected}"
+        self.count = 0
+        self._hash = expected.hasher()
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if self.size is not None and self.count + n > self.size:
+            raise DigestMismatchError(f"{self.what} is longer than its {self.size} bytes")
+        self._hash.update(data)
+        self.count += n
+
+    def reset(self) -> None:
+        """Start again from no bytes (a download restarting from the beginning)."""
+        self.count = 0
+        self._hash = self.expected.hasher()
+
+    def actual(self) -> Digest:
+        """The digest of the bytes seen so far."""
+        return Digest(self.expected.algorithm, self._hash.hexdigest())
+
+    def matches(self) -> bool:
+        """True when the bytes seen are the whole content and hash to its digest."""
+        return (self.size is None or self.count == self.size) and self.actual() == self.expected
+
+    def verify(self) -> None:
+        """Raise ``DigestMismatchError`` unless :meth:`matches`, naming what is wrong."""
+        if self.size is not None and self.count != self.size:
+            raise DigestMismatchError(f"{self.what}: got {self.count} bytes, expected {self.size}")
+        actual = self.actual()
+        if actual != self.expected:
+            raise DigestMismatchError(f"{self.what} digest mismatch: expected {self.expected}, got {actual}")
 
 
 def hash_file(path: str, algorithm: str = "sha256", chunk: int = 1 << 20) -> tuple[Digest, int]:

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from builder import faults
-from builder.digest import Digest
-from builder.errors import BadReferenceError, DigestMismatchError, NotFoundLocalError, StoreError, ValidationError
+from builder.digest import Digest, Verifier
+from builder.errors import BadReferenceError, NotFoundLocalError, StoreError, ValidationError
 from builder.oci import (
     DOCKER_CONFIG,
     DOCKER_LIST,
@@ -317,12 +317,11 @@ class _TarWriter:
         """A blob from the volume, rehashed as it goes by (``DigestMismatchError``)."""
         size = volume.entry(digest).size
         self._header(_blob_path(digest), size, tarfile.REGTYPE, 0o644)
-        h = digest.hasher()
+        verifier = Verifier(digest, size, f"blob {digest} in volume {volume.path.name}")
         for piece in volume.read_range(digest, 0, size):
-            h.update(piece)
+            verifier.update(piece)
             self._write(piece)
-        if h.hexdigest() != digest.hex:
-            raise DigestMismatchError(f"blob {digest} in volume {volume.path.name} is corrupt")
+        verifier.verify()
         self._pad(size)
 
     def close(self) -> None:

@@ -36,8 +36,8 @@ from typing import BinaryIO, cast
 import zstandard
 
 from builder import compression, faults
-from builder.digest import Digest, hash_file
-from builder.errors import DigestMismatchError, NotFoundLocalError, StoreError
+from builder.digest import Digest, Verifier, hash_file, verify_bytes
+from builder.errors import NotFoundLocalError, StoreError
 from builder.oci import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -171,11 +171,10 @@ class Ingest:
         self.path = path
         self.digest = digest
         self.size = size
-        self._hash = digest.hasher()
+        self._verifier = Verifier(digest, size)
         self._file: BinaryIO = _open_partial(path)
-        self._offset = 0
         self._resume()
-        self._flushed = self._offset
+        self._flushed = self._verifier.count
 
     def _resume(self) -> None:
         """Rehash what an earlier attempt left, so the download continues after it."""
@@ -187,39 +186,34 @@ class Ingest:
         buf = bytearray(_HASH_CHUNK)
         view = memoryview(buf)
         while n := self._file.readinto(buf):
-            self._hash.update(view[:n])
-            self._offset += n
+            self._verifier.update(view[:n])
         self._file.seek(0, os.SEEK_END)
-        if self._offset == self.size and self._hash.copy().hexdigest() != self.digest.hex:
+        if self._verifier.count == self.size and not self._verifier.matches():
             self.reset()  # complete but wrong: these bytes can never become this blob
 
     @property
     def offset(self) -> int:
-        return self._offset
+        return self._verifier.count
 
     def write(self, data: memoryview | bytes) -> None:
-        self._hash.update(data)
+        self._verifier.update(data)
         self._file.write(data)
-        self._offset += len(data)
-        if self._offset - self._flushed >= WRITEBACK_EVERY:
-            start_writeback(self._file.fileno(), self._flushed, self._offset - self._flushed)
-            self._flushed = self._offset
+        offset = self._verifier.count
+        if offset - self._flushed >= WRITEBACK_EVERY:
+            start_writeback(self._file.fileno(), self._flushed, offset - self._flushed)
+            self._flushed = offset
 
     def reset(self) -> None:
         self._file.truncate(0)
         self._file.seek(0)
-        self._hash = self.digest.hasher()
-        self._offset = 0
+        self._verifier.reset()
         self._flushed = 0
 
     def commit(self, final: Path) -> None:
         """Check size and digest, make the bytes durable, and rename into place."""
-        if self._offset != self.size:
-            raise DigestMismatchError(f"blob {self.digest}: got {self._offset} bytes, expected {self.size}")
-        actual = Digest(self.digest.algorithm, self._hash.hexdigest())
-        if actual != self.digest:
-            self.discard()
-            raise DigestMismatchError(f"blob digest mismatch: expected {self.digest}, got {actual}")
+        if self._verifier.count == self.size and not self._verifier.matches():
+            self.discard()  # complete but wrong: these bytes can never become this blob
+        self._verifier.verify()
         os.fsync(self._file.fileno())
         os.fchmod(self._file.fileno(), 0o444)  # the file written, not whatever the path names now
         self._file.close()
@@ -342,8 +336,7 @@ class Store:
         """Store small verified content; False if it was already there."""
         if self.has(digest, len(data)):
             return False
-        if Digest.of(data, digest.algorithm) != digest:
-            raise DigestMismatchError(f"content does not match {digest}")
+        verify_bytes(data, digest, f"blob {digest}")
         try:
             write_atomic(self.blob_path(digest), data, 0o444)
         except OSError as e:
@@ -487,14 +480,11 @@ class Store:
         record = self._unpacked_record(desc.digest)
         with contextlib.suppress(OSError, ValueError):
             return int(record.read_bytes())
-        h = desc.digest.hasher()
-        size = 0
+        verifier = Verifier(desc.digest, desc.size, f"layer {desc.digest} in the store")
 
         def chunks(src: BinaryIO) -> Iterator[bytes]:
-            nonlocal size
             while data := src.read(compression.READ_SIZE):
-                h.update(data)
-                size += len(data)
+                verifier.update(data)
                 yield data
 
         try:
@@ -506,8 +496,7 @@ class Store:
             raise StoreError(f"layer {desc.digest} does not decompress: {e}") from None
         except OSError as e:
             raise StoreError(f"cannot read layer {desc.digest}: {e.strerror}") from None
-        if size != desc.size or h.hexdigest() != desc.digest.hex:
-            raise DigestMismatchError(f"layer {desc.digest} in the store is corrupt")
+        verifier.verify()
         try:
             record.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(record, str(count).encode())

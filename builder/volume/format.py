@@ -60,8 +60,8 @@ from typing import Any, BinaryIO, cast
 
 import zstandard
 
-from builder.digest import Digest
-from builder.errors import BadReferenceError, NotFoundLocalError, StoreError, ValidationError
+from builder.digest import Digest, Verifier
+from builder.errors import BadReferenceError, DigestMismatchError, NotFoundLocalError, StoreError, ValidationError
 from builder.store import pread_exact
 
 MAGIC = b"IMCVOL"
@@ -362,15 +362,15 @@ class Volume:
         fd = self._open_fd()
         try:
             for n, e in enumerate(self.entries.values()):
-                h = e.digest.hasher()
+                verifier = Verifier(e.digest, e.size)
                 try:
                     for piece in self._ranges(fd, e, 0, e.size):
-                        h.update(piece)
+                        verifier.update(piece)
                         done_bytes += len(piece)
                         if on_progress:
                             on_progress(PackProgress(n, len(self.entries), done_bytes, total))
-                    good = h.hexdigest() == e.digest.hex
-                except (StoreError, OSError):
+                    good = verifier.matches()
+                except (StoreError, DigestMismatchError, OSError):
                     good = False
                 report.checked += 1
                 report.bytes += e.size

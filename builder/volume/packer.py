@@ -31,7 +31,7 @@ from typing import Any
 import zstandard
 
 from builder import faults
-from builder.digest import Digest
+from builder.digest import Digest, Verifier
 from builder.errors import CapacityError, DigestMismatchError, StoreError, ValidationError
 from builder.oci import Descriptor, layer_compression
 from builder.store import Store, fsync_dir, open_unlinked, start_writeback
@@ -172,8 +172,7 @@ class _Packer:
             free: queue.Queue[bytearray] = queue.Queue()
             for _ in range(_COPY_BUFFERS):
                 free.put(bytearray(min(_COPY_CHUNK, max(desc.size, 1))))
-            h = desc.digest.hasher()
-            copied = 0
+            verifier = _store_verifier(desc)
             with self.store.open_blob(desc.digest) as src:
                 while True:
                     if self.stop.is_set():
@@ -186,15 +185,13 @@ class _Packer:
                         free.put(buf)
                         break
                     view = memoryview(buf)[:n]
-                    if copied + n > desc.size:
-                        raise DigestMismatchError(f"blob {desc.digest} in the store is longer than {desc.size} bytes")
-                    writer.submit(view, offset + copied, lambda b=buf: free.put(b))
-                    h.update(view)
-                    copied += n
+                    at = offset + verifier.count
+                    verifier.update(view)
+                    writer.submit(view, at, lambda b=buf: free.put(b))
                     self._count(n)
             for _ in range(_COPY_BUFFERS):  # every buffer back: this blob's writes are done
                 free.get()
-            _check_copied(desc, copied, h)
+            verifier.verify()
             self._count(0, 1)
             return VolumeEntry(desc.digest, desc.size, desc.media_type, RAW, offset, desc.size)
         except BaseException:
@@ -212,11 +209,10 @@ class _Packer:
 
     def copy_zstd(self, desc: Descriptor, offset: int, pool: ThreadPoolExecutor) -> VolumeEntry:
         """Compress a blob into independent 4 MiB frames from ``offset`` on."""
-        h = desc.digest.hasher()
+        verifier = _store_verifier(desc)
         chunks: list[tuple[int, int, int]] = []
         inflight: deque[tuple[int, Future[bytes]]] = deque()
         pos = offset
-        copied = 0
 
         def flush_oldest() -> None:
             nonlocal pos
@@ -233,19 +229,17 @@ class _Packer:
                 while data := src.read(CHUNK_SIZE):
                     if self.stop.is_set():
                         raise _Cancelled
-                    if copied + len(data) > desc.size:
-                        raise DigestMismatchError(f"blob {desc.digest} in the store is longer than {desc.size} bytes")
+                    copied = verifier.count
+                    verifier.update(data)
                     if desc.size <= _INLINE_COMPRESS:
                         done: Future[bytes] = Future()
                         done.set_result(self._compress(data))
                         inflight.append((copied, done))
                     else:
                         inflight.append((copied, pool.submit(self._compress, data)))
-                    h.update(data)
-                    copied += len(data)
                     while inflight and (len(inflight) > _WORKERS + 1 or inflight[0][1].done()):
                         flush_oldest()
-            _check_copied(desc, copied, h)
+            verifier.verify()
             while inflight:
                 flush_oldest()
         finally:
@@ -306,12 +300,8 @@ class _Packer:
         return [entries[d.digest] for d in self.descs], pos
 
 
-def _check_copied(desc: Descriptor, copied: int, h: Any) -> None:
-    if copied != desc.size:
-        raise DigestMismatchError(f"blob {desc.digest} in the store has {copied} bytes, expected {desc.size}")
-    actual = Digest(desc.digest.algorithm, h.hexdigest())
-    if actual != desc.digest:
-        raise DigestMismatchError(f"blob {desc.digest} in the store is corrupt: its bytes hash to {actual}")
+def _store_verifier(desc: Descriptor) -> Verifier:
+    return Verifier(desc.digest, desc.size, f"blob {desc.digest} in the store")
 
 
 def _plan(store: Store, blobs: Sequence[Descriptor]) -> list[Descriptor]:

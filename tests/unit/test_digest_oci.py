@@ -8,7 +8,7 @@ import json
 import pytest
 
 from builder import oci
-from builder.digest import Digest, hash_file, verify_bytes
+from builder.digest import Digest, Verifier, hash_file, verify_bytes
 from builder.errors import BadReferenceError, DigestMismatchError, UnsupportedError, ValidationError
 from builder.oci import Descriptor, Index, Manifest, Platform, parse_manifest
 
@@ -67,6 +67,32 @@ def test_verify_bytes():
     assert "layer digest mismatch" in info.value.message
     assert SHA256 in info.value.message
     assert info.value.exit_code == 4
+
+
+def test_verifier_checks_streamed_pieces_size_and_digest():
+    whole = Verifier(Digest("sha256", SHA256), len(DATA))
+    for i in range(0, len(DATA), 7):
+        whole.update(memoryview(DATA)[i:i + 7])
+    assert whole.matches() and whole.actual() == Digest("sha256", SHA256)
+    whole.verify()
+
+    short = Verifier(Digest("sha256", SHA256), len(DATA), what="part p")
+    short.update(DATA[:-1])
+    assert not short.matches()
+    with pytest.raises(DigestMismatchError, match=rf"part p: got {len(DATA) - 1} bytes, expected {len(DATA)}"):
+        short.verify()
+
+    with pytest.raises(DigestMismatchError, match=f"is longer than its {len(DATA)} bytes"):
+        short.update(b"xy")  # refused before it is counted: the bytes seen stay as they were
+    assert short.count == len(DATA) - 1
+
+    wrong = Verifier(Digest("sha256", SHA256), len(DATA))
+    wrong.update(DATA[:-1] + b"?")
+    with pytest.raises(DigestMismatchError, match=f"blob sha256:{SHA256} digest mismatch"):
+        wrong.verify()
+    wrong.reset()
+    wrong.update(DATA)
+    wrong.verify()
 
 
 def test_hash_file_streams_in_chunks(tmp_path):
