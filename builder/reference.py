@@ -54,10 +54,6 @@ class Reference:
         """What to ask the registry for: the digest when pinned, else the tag."""
         return str(self.digest) if self.digest else (self.tag or "latest")
 
-    def with_digest(self, digest: Digest) -> Reference:
-        """The same image pinned to ``digest`` (the tag is kept for display)."""
-        return Reference(self.registry, self.repository, self.tag, digest)
-
     def __str__(self) -> str:
         text = self.name
         if self.tag:

@@ -400,13 +400,6 @@ class Store:
             out.append(StoredImage(name, desc, Digest.parse(index) if index else None))
         return out
 
-    def image(self, name: str) -> StoredImage:
-        """The stored image called ``name``."""
-        for image in self.images():
-            if image.name == name:
-                return image
-        raise NotFoundLocalError(f"image {name} is not in the store")
-
     def add_image(self, name: str, descriptor: Descriptor, index_digest: Digest | None = None) -> None:
         """Point ``name`` at a manifest whose blobs are all stored (replacing any old entry)."""
         annotations = {REF_NAME: name}
@@ -418,16 +411,6 @@ class Store:
             entries = [e for e in self._read_index() if (e.get("annotations") or {}).get(REF_NAME) != name]
             entries.append(entry)
             self._write_index(entries)
-
-    def remove_image(self, name: str) -> bool:
-        """Forget an image name (its blobs go at the next gc if nothing else needs them)."""
-        with flocked(self.locks / "index.lock"):
-            entries = self._read_index()
-            kept = [e for e in entries if (e.get("annotations") or {}).get(REF_NAME) != name]
-            if len(kept) == len(entries):
-                return False
-            self._write_index(kept)
-            return True
 
     def manifest(self, digest: Digest) -> Manifest | Index:
         """A stored manifest or index, parsed."""

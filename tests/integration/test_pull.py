@@ -77,7 +77,8 @@ def test_plain_http_pull_stores_every_blob_verified(tmp_path: Path, plain_regist
     blobs = blobs_of(catalogue, "fixtures/app:1.0")
     assert_stored(store, blobs)
     assert result.bytes_fetched == sum(b["size"] for b in blobs)
-    image = store.image(f"{plain_registry.host}/fixtures/app:1.0")
+    (image,) = store.images()
+    assert image.name == f"{plain_registry.host}/fixtures/app:1.0"
     assert str(image.descriptor.digest) == catalogue["images"]["fixtures/app:1.0"]["digest"]
 
 
@@ -337,8 +338,13 @@ def test_layers_list_inspect_verify_and_gc(tmp_path: Path, plain_registry: Any, 
     assert report["corrupt"] == [shared] and shared in report["missing"]
     assert not victim.exists()
 
-    # gc keeps what images need and removes what nothing needs.
-    Store(home).remove_image(f"{plain_registry.host}/fixtures/app:2.0")
+    # gc keeps what images need and removes what nothing needs: app:2.0's blobs, fetched
+    # without naming the image (as a cache's build does), are needed by nothing.
+    home = tmp_path / "gc-home"
+    assert run_imc(home, "pull", "-q", "--plain-http", plain_registry.host,
+                   f"{plain_registry.host}/fixtures/app:1.0").returncode == 0
+    Puller(Store(home), HostPolicy(plain_http=frozenset({plain_registry.host}))).pull(
+        [parse(f"{plain_registry.host}/fixtures/app:2.0")], record=False)
     gc = json.loads(run_imc(home, "gc", "-o", "json").stdout)
     only_v2 = {b["digest"] for b in blobs_of(catalogue, "fixtures/app:2.0")} - {
         b["digest"] for b in blobs_of(catalogue, "fixtures/app:1.0")}

@@ -71,15 +71,6 @@ def test_identifier_prefers_the_digest_over_the_tag():
     assert Reference("docker.io", "library/nginx").identifier == "latest"
 
 
-def test_with_digest_keeps_the_tag_for_display():
-    digest = Digest.parse(DIGEST)
-    pinned = parse("host:5000/app:1.0").with_digest(digest)
-    assert pinned.tag == "1.0"
-    assert pinned.digest == digest
-    assert pinned.identifier == DIGEST
-    assert str(pinned) == f"host:5000/app:1.0@{DIGEST}"
-
-
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
