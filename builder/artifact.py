@@ -77,7 +77,7 @@ from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain
 from builder.registry.client import UPLOAD_CHUNK, BlobSink, Registry, RetryPolicy
 from builder.registry.hosts import HostPolicy
-from builder.store import pread_exact
+from builder.store import open_unlinked, pread_exact
 from builder.volume import Volume
 
 ARTIFACT_TYPE = "application/vnd.imc.snapshot.v1"
@@ -519,7 +519,7 @@ def _download(registry: Registry, source: Reference, artifact: Artifact, partial
               emit: Progress) -> None:
     """Every part into its place in ``partial``, in parallel, each verified by digest."""
     try:
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = open_unlinked(partial, os.O_RDWR | os.O_TRUNC)  # a link planted there is replaced, not followed
     except OSError as e:
         raise StoreError(f"cannot create {partial}: {e.strerror}") from None
     lock = threading.Lock()

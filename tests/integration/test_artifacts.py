@@ -222,6 +222,29 @@ def test_a_download_cut_mid_part_resumes_with_range(tmp_path: Path, home_a: Path
     assert imc(tmp_path / "node-b", "volume", "verify", "dl").returncode == 0
 
 
+def test_a_symlink_at_the_partial_volume_is_never_written_through(tmp_path: Path, home_a: Path,
+                                                                  plain_registry: Any) -> None:
+    reg = plain_registry.host
+    push_cache(Caches(home_a), "web", parse_reference(f"{reg}/imc/web:planted"),
+               HostPolicy(plain_http=frozenset({reg})), retry=FAST)
+    home = tmp_path / "node-b"
+    Caches(home)  # creates the home's layout
+    cache_id = Caches(home_a).get("web").id  # kept on import: the partial's name is known in advance
+    canary = tmp_path / "outside" / "canary"
+    canary.parent.mkdir()
+    canary.write_bytes(b"not a volume\n")
+    planted = home / "volumes" / f"{cache_id}-1.imcv.partial"
+    planted.symlink_to(canary)
+    out = imc(home, "volume", "pull", f"{reg}/imc/web:planted", "--plain-http", reg, "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert canary.read_bytes() == b"not a volume\n" and not canary.is_symlink()
+    pulled = Caches(home).get("web")
+    assert pulled.id == cache_id and pulled.phase == "Ready" and pulled.volume is not None
+    volume = Path(pulled.volume.path)
+    assert not volume.is_symlink() and sha256(volume) == sha256(Path(Caches(home_a).get("web").volume.path))
+    assert not planted.exists() and not planted.is_symlink()
+
+
 def test_pushing_a_cache_that_is_not_ready_is_refused(tmp_path: Path, plain_registry: Any,
                                                       origin: CutProxy) -> None:
     reg = plain_registry.host
