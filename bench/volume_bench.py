@@ -52,7 +52,7 @@ def packing(store_home: Path, blobs: list[Descriptor], work: Path, table: Table)
     out = fresh_dir(work / "volume-bench")
     volume_path, tzst_path = out / "bench.imcvol", out / "bench.tar.zst"
     members = " ".join(shlex.quote(f"{d.digest.algorithm}/{d.digest.hex}") for d in unique)
-    peer_cmd = (f"tar -cf - -C {shlex.quote(str(store.blobs))} {members} "
+    peer_cmd = (f"tar -cf - -C {shlex.quote(str(store.home.blobs))} {members} "
                 f"| zstd -T0 -q -o {shlex.quote(str(tzst_path))}")
 
     def run_imc() -> None:

@@ -57,6 +57,7 @@ from builder.errors import (
     UnsupportedError,
     ValidationError,
 )
+from builder.home import VOLUME_SUFFIX, open_unlinked, partial_of
 from builder.imagecache import (
     API_VERSION,
     KIND,
@@ -77,7 +78,7 @@ from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain
 from builder.registry.client import UPLOAD_CHUNK, BlobSink, Registry, RetryPolicy
 from builder.registry.hosts import HostPolicy
-from builder.store import open_unlinked, pread_exact
+from builder.store import pread_exact
 from builder.volume import Volume
 
 ARTIFACT_TYPE = "application/vnd.imc.snapshot.v1"
@@ -247,7 +248,7 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
         layers = []
         for i, (offset, n, digest) in enumerate(parts):
             layers.append(Descriptor(VOLUME_TYPE, digest, n, annotations={
-                A_TITLE: f"{cache.id}.imcv.{i:04d}", A_OFFSET: str(offset)}))
+                A_TITLE: f"{cache.id}{VOLUME_SUFFIX}.{i:04d}", A_OFFSET: str(offset)}))
             if registry.blob_exists(repo, digest):
                 skipped += 1
                 emit(PartSkipped(i, len(parts), n))
@@ -469,8 +470,8 @@ def pull_cache(caches: Caches, source: Reference, policy: HostPolicy | None = No
     except CacheStateError:
         raise CacheStateError(f"image cache id {cache_id} is being imported or built by another process") from None
     generation = 1
-    final = caches.volumes / f"{cache_id}-{generation}.imcv"
-    partial = final.with_name(final.name + ".partial")
+    final = caches.home.volume(cache_id, generation)
+    partial = partial_of(final)
     try:
         _download(registry, source, artifact, partial, concurrency, emit)
         emit(Verifying(artifact.volume_size))

@@ -29,6 +29,7 @@ from builder import faults
 from builder import volume as volumes
 from builder.digest import Digest
 from builder.errors import CacheStateError, CapacityError, ImcError, NotFoundLocalError
+from builder.home import Home
 from builder.imagecache import (
     BUILDING,
     CREATING,
@@ -198,14 +199,13 @@ class _BuildProgress:
 class Caches:
     """Every image cache under one imc home."""
 
-    def __init__(self, home: Path, store: Store | None = None, clock: Callable[[], dt.datetime] = now_utc,
+    def __init__(self, home: Path | Home, store: Store | None = None, clock: Callable[[], dt.datetime] = now_utc,
                  platform: Platform | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
-        self.home = Path(home)
+        self.home = Home(home)
         self.store = store or Store(self.home)
-        self.db = CacheDB(self.home / "caches.db")
-        self.volumes = self.home / "volumes"
-        self.volumes.mkdir(parents=True, exist_ok=True)
-        self.secrets = SecretStore(self.home / "secrets")
+        self.db = CacheDB(self.home.records)
+        self.home.volumes.mkdir(parents=True, exist_ok=True)
+        self.secrets = SecretStore(self.home.secrets)
         self.clock = clock
         self.platform = platform
         self.concurrency = concurrency
@@ -213,10 +213,10 @@ class Caches:
 
     @property
     def settings(self) -> Settings:
-        return Settings.load(self.home)
+        return Settings.load(self.home.settings)
 
     def _lease_path(self, cache_id: str) -> Path:
-        return self.store.locks / f"cache-{cache_id}.lock"
+        return self.home.cache_lock(cache_id)
 
     def _record(self, name: str, change: Callable[[ImageCache], None]) -> ImageCache:
         """Change a record; new events also go to whoever watches this build."""
@@ -337,7 +337,7 @@ class Caches:
     def delete(self, name: str) -> ImageCache:
         """Delete a cache in any phase; its volume goes now, its blobs at the next gc."""
         cache = self.db.delete(validate_name(name))
-        for path in self.volumes.glob(f"{cache.id}-*.imcv"):
+        for path in self.home.volumes_of(cache.id):
             path.unlink(missing_ok=True)
         return cache
 
@@ -429,7 +429,7 @@ class Caches:
 
         cache = self._record(name, checked)
         generation = cache.generation + 1
-        path = self.volumes / f"{cache.id}-{generation}.imcv"
+        path = self.home.volume(cache.id, generation)
         meta = {"cache": name, "id": cache.id, "generation": generation,
                 "images": [{"name": i.name, "digest": i.digest, "mediaType": i.media_type, "index": i.index,
                             "indexMediaType": i.index_media_type, "platform": i.platform} for i in resolved]}
@@ -443,7 +443,7 @@ class Caches:
             path.unlink(missing_ok=True)
             raise
         faults.checkpoint("switched")
-        for old in self.volumes.glob(f"{cache.id}-*.imcv"):
+        for old in self.home.volumes_of(cache.id):
             if old != path:
                 old.unlink(missing_ok=True)  # the previous generation, now replaced
 
@@ -603,8 +603,7 @@ class Caches:
                 return False
             return path is None or (cache.volume is not None and Path(cache.volume.path) == path)
 
-        for path in list(self.volumes.glob("*.imcv")) + list(self.volumes.glob("*.partial")):
-            cache_id = path.name.rsplit("-", 1)[0]
+        for path, cache_id in self.home.volume_files().items():
             cache = records.get(cache_id)
             if cache and cache.volume and Path(cache.volume.path) == path:
                 continue
@@ -618,8 +617,7 @@ class Caches:
                     removed += 1
             finally:
                 lease.release()
-        for lock in self.store.locks.glob("cache-*.lock"):
-            cache_id = lock.stem[len("cache-"):]
+        for cache_id, lock in self.home.cache_locks().items():
             if cache_id in records:
                 continue
             try:

@@ -423,8 +423,8 @@ class Settings:
         return self.max_manual_caches // 2
 
     @classmethod
-    def load(cls, home: Path) -> Settings:
-        path = home / "settings.json"
+    def load(cls, path: Path) -> Settings:
+        """The settings in ``path`` (``Home.settings``), or the defaults when it is absent."""
         if not path.exists():
             return cls()
         try:
@@ -433,9 +433,9 @@ class Settings:
         except (ValueError, TypeError) as e:
             raise ValidationError(f"{path} is not valid settings: {e}") from None
 
-    def save(self, home: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        write_atomic(home / "settings.json", json.dumps(asdict(self), indent=2).encode())
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(asdict(self), indent=2).encode())
 
     @staticmethod
     def field_names() -> list[str]:

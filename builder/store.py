@@ -1,12 +1,10 @@
 """The content-addressed store: one OCI image layout that every pull and cache shares.
 
-Layout under imc's home::
-
-    store/            an OCI image layout: oci-layout, index.json, blobs/sha256/<hex>
-    ingest/           partial downloads, resumable, never visible under blobs/
-    locks/            flock files: one per blob being fetched, the index, and gc
-    quarantine/       blobs that failed verification, kept for inspection
-    meta/unpacked/    each compressed layer's unpacked size, by digest, counted once
+It keeps, under imc's home (``builder.home`` draws the tree): ``store/``, an OCI
+image layout (oci-layout, index.json, blobs/<alg>/<hex>); ``ingest/``, partial
+downloads, resumable, never visible under blobs/; ``locks/``, one flock per blob being
+fetched, the index and gc; ``quarantine/``, blobs that failed verification;
+``meta/``, each compressed layer's unpacked size, counted once.
 
 A blob appears under ``blobs/`` only by an atomic rename after its size and digest
 were checked, so whatever is there is complete and verified. One download per digest
@@ -38,6 +36,7 @@ import zstandard
 from builder import compression, faults
 from builder.digest import Digest, Verifier, hash_file, verify_bytes
 from builder.errors import NotFoundLocalError, StoreError
+from builder.home import Home, open_unlinked
 from builder.oci import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -54,14 +53,6 @@ LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 _HASH_CHUNK = 1 << 20
 WRITEBACK_EVERY = 8 << 20
 STALE_TEMP_SECONDS = 3600
-
-
-def default_home() -> Path:
-    """``$IMC_HOME``, else ``$XDG_DATA_HOME/imc``, else ``~/.local/share/imc``."""
-    if os.environ.get("IMC_HOME"):
-        return Path(os.environ["IMC_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-    return Path(base) / "imc"
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -141,19 +132,6 @@ def pread_exact(fd: int, offset: int, n: int, what: str) -> bytes:
             raise StoreError(f"{what}: the file ends early (truncated)")
         data += more
     return data
-
-
-def open_unlinked(path: Path, flags: int, mode: int = 0o644) -> int:
-    """``os.open`` with ``O_CREAT``, never through a symbolic link: a link found at
-    ``path`` (planted there, say) is removed and a fresh file created in its place."""
-    flags |= os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return os.open(path, flags, mode)
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        os.unlink(path)
-        return os.open(path, flags | os.O_EXCL, mode)
 
 
 def _open_partial(path: Path) -> BinaryIO:
@@ -264,25 +242,20 @@ class GcReport:
 class Store:
     """The content-addressed blob store and its image index (an OCI image layout)."""
 
-    def __init__(self, home: Path) -> None:
-        self.home = Path(home)
-        self.layout = self.home / "store"
-        self.blobs = self.layout / "blobs"
-        self.ingest_dir = self.home / "ingest"
-        self.locks = self.home / "locks"
-        self.quarantine = self.home / "quarantine"
-        self.unpacked_dir = self.home / "meta" / "unpacked"
+    def __init__(self, home: Path | Home) -> None:
+        self.home = Home(home)
         self._ensure_layout()
 
     def _ensure_layout(self) -> None:
+        home = self.home
         try:
-            for d in (self.blobs / "sha256", self.ingest_dir, self.locks, self.quarantine):
+            for d in (home.blob_dir("sha256"), home.ingest, home.locks, home.quarantine):
                 d.mkdir(parents=True, exist_ok=True)
-            if not (self.layout / "oci-layout").exists():
-                write_atomic(self.layout / "oci-layout", json.dumps(LAYOUT_VERSION).encode())
-            if not (self.layout / "index.json").exists():
-                with flocked(self.locks / "index.lock"):
-                    if not (self.layout / "index.json").exists():
+            if not home.oci_layout.exists():
+                write_atomic(home.oci_layout, json.dumps(LAYOUT_VERSION).encode())
+            if not home.image_index.exists():
+                with flocked(home.index_lock):
+                    if not home.image_index.exists():
                         self._write_index([])
         except OSError as e:
             raise StoreError(f"cannot create the store under {self.home}: {e.strerror}") from None
@@ -291,7 +264,7 @@ class Store:
 
     def blob_path(self, digest: Digest) -> Path:
         """Where a blob lives (whether or not it is there)."""
-        return self.blobs / digest.algorithm / digest.hex
+        return self.home.blob(digest)
 
     def _stat(self, digest: Digest) -> os.stat_result | None:
         """The blob file's status, or None. Only a regular file is a stored blob: a
@@ -352,11 +325,11 @@ class Store:
         """
         if self.has(digest, size):
             return False
-        with flocked(self.locks / f"blob-{digest.algorithm}-{digest.hex}.lock"):
+        with flocked(self.home.blob_lock(digest)):
             if self.has(digest, size):
                 return False
             try:
-                ingest = Ingest(self.ingest_dir / f"{digest.algorithm}-{digest.hex}.partial", digest, size)
+                ingest = Ingest(self.home.ingest_partial(digest), digest, size)
             except OSError as e:
                 raise StoreError(f"cannot write to the store's ingest area: {e.strerror}") from None
             try:
@@ -373,20 +346,20 @@ class Store:
 
     def pinning(self) -> contextlib.AbstractContextManager[bool]:
         """Hold off gc while blobs are fetched but not yet referenced by an image."""
-        return flocked(self.locks / "gc.lock", shared=True)
+        return flocked(self.home.gc_lock, shared=True)
 
     # -- the image index -----------------------------------------------------------
 
     def _read_index(self) -> list[dict]:
         try:
-            doc = json.loads((self.layout / "index.json").read_bytes())
+            doc = json.loads(self.home.image_index.read_bytes())
         except (OSError, ValueError) as e:
             raise StoreError(f"the store's index.json is unreadable: {e}") from None
         return list(doc.get("manifests") or [])
 
     def _write_index(self, entries: list[dict]) -> None:
         doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
-        write_atomic(self.layout / "index.json", json.dumps(doc, indent=1).encode())
+        write_atomic(self.home.image_index, json.dumps(doc, indent=1).encode())
 
     def images(self) -> list[StoredImage]:
         """Every image the store holds, in the order they were added."""
@@ -407,7 +380,7 @@ class Store:
             annotations[INDEX_ANNOTATION] = str(index_digest)
         entry = Descriptor(descriptor.media_type, descriptor.digest, descriptor.size, descriptor.platform,
                            annotations).to_json()
-        with flocked(self.locks / "index.lock"):
+        with flocked(self.home.index_lock):
             entries = [e for e in self._read_index() if (e.get("annotations") or {}).get(REF_NAME) != name]
             entries.append(entry)
             self._write_index(entries)
@@ -444,14 +417,11 @@ class Store:
 
     # -- unpacked sizes: metadata kept per layer digest ---------------------------
 
-    def _unpacked_record(self, digest: Digest) -> Path:
-        return self.unpacked_dir / f"{digest.algorithm}-{digest.hex}"
-
     def unpacked_size(self, desc: Descriptor, limit: int | None = None) -> int:
         """The uncompressed size of a layer (a non-layer blob's or plain tar's own size).
 
-        Decompresses a gzip or zstd layer once ever: the answer is kept under
-        ``<home>/meta/unpacked`` by digest. With ``limit``, decompression stops as soon
+        Decompresses a gzip or zstd layer once ever: the answer is kept in the home's
+        metadata (``Home.unpacked_record``). With ``limit``, decompression stops as soon
         as the count passes it and that count (> limit) is returned unrecorded, which
         bounds the work a decompression bomb can cause. Data that does not decompress
         raises ``StoreError``; a blob whose bytes do not match its digest,
@@ -460,7 +430,7 @@ class Store:
         kind = layer_compression(desc.media_type)
         if kind not in ("gzip", "zstd"):
             return desc.size
-        record = self._unpacked_record(desc.digest)
+        record = self.home.unpacked_record(desc.digest)
         with contextlib.suppress(OSError, ValueError):
             return int(record.read_bytes())
         verifier = Verifier(desc.digest, desc.size, f"layer {desc.digest} in the store")
@@ -499,7 +469,7 @@ class Store:
         if kind not in ("gzip", "zstd"):
             return desc.size
         with contextlib.suppress(OSError, ValueError):
-            return int(self._unpacked_record(desc.digest).read_bytes())
+            return int(self.home.unpacked_record(desc.digest).read_bytes())
         try:
             with self.open_blob(desc.digest) as f:
                 if kind == "gzip":
@@ -515,7 +485,7 @@ class Store:
 
     def all_blobs(self) -> Iterator[tuple[Digest, Path]]:
         """Every blob file present, as (digest, path)."""
-        for algo_dir in sorted(self.blobs.iterdir()):
+        for algo_dir in sorted(self.home.blobs.iterdir()):
             if algo_dir.is_symlink() or not algo_dir.is_dir():
                 continue  # a linked directory holds files outside the store: never verify or remove them
             for p in sorted(algo_dir.iterdir()):
@@ -546,7 +516,7 @@ class Store:
         return report
 
     def _quarantine(self, digest: Digest, path: Path) -> None:
-        target = self.quarantine / f"{digest.algorithm}-{digest.hex}"
+        target = self.home.quarantined(digest)
         try:
             os.replace(path, target)
         except OSError:
@@ -561,7 +531,7 @@ class Store:
         sees every such record.
         """
         report = GcReport()
-        with flocked(self.locks / "gc.lock"):
+        with flocked(self.home.gc_lock):
             faults.checkpoint("gc-locked")
             live = self.referenced()
             for digest in (pinned() if pinned else set()):
@@ -577,18 +547,18 @@ class Store:
             # are abandoned and per-blob lock files are free to go.
             # Small blobs are written by write_atomic under pinning too: a temporary
             # file left beside the blobs is a crash's leftover.
-            for partial in [*self.ingest_dir.glob("*.partial"), *self.blobs.glob("*/.*.tmp")]:
+            for partial in [*self.home.ingest_partials(), *self.home.blobs.glob("*/.*.tmp")]:
                 partial.unlink(missing_ok=True)
                 report.partials_removed += 1
             # Metadata (unpacked sizes) is written outside pinning: only a temporary
             # file old enough to belong to no running writer is a crash's leftover.
             stale = time.time() - STALE_TEMP_SECONDS
-            for tmp in (self.home / "meta").glob("*/.*.tmp"):
+            for tmp in self.home.meta.glob("*/.*.tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     if tmp.lstat().st_mtime < stale:
                         tmp.unlink()
                         report.partials_removed += 1
-            for lock in self.locks.glob("blob-*.lock"):
+            for lock in self.home.blob_locks():
                 lock.unlink(missing_ok=True)
         return report
 

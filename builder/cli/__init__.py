@@ -16,7 +16,7 @@ import click
 from builder import __version__
 from builder.cli.common import EXIT_USAGE, Context
 from builder.errors import ImcError
-from builder.store import default_home
+from builder.home import default_home
 
 # Each command's module is imported only when the command runs (or --help lists
 # them): ``imc pull`` need not load the server, the volumes or SQLite.

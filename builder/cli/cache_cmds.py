@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from builder.cli.common import (
 )
 from builder.errors import ImcError, ValidationError
 from builder.export import FORMATS, OCI_ARCHIVE, export_archive, stream_archive
+from builder.home import open_unlinked
 from builder.imagecache import (
     FAILED,
     SIZE_DEFAULT,
@@ -56,11 +58,10 @@ def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, qu
         if final.phase in (FAILED, UPDATE_FAILED):
             raise CacheFailed(f"image cache {final.name} is {final.phase}: {final.message}")
         return final
-    logs = ctx.home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"build-{cache.name}.log", "ab") as log:
+    ctx.home.logs.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(open_unlinked(ctx.home.build_log(cache.name), os.O_WRONLY | os.O_APPEND), "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "builder", "--home", str(ctx.home), "cache", "build", cache.name,
+            [sys.executable, "-m", "builder", "--home", str(ctx.home.root), "cache", "build", cache.name,
              "--lease-fd", str(lease.fileno())],
             pass_fds=(lease.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     lease.release()  # the builder holds it now
@@ -343,7 +344,7 @@ def config() -> None:
 @pass_ctx
 def config_get(ctx: Context, output: str) -> None:
     """Every setting and its value."""
-    settings = Settings.load(ctx.home)
+    settings = Settings.load(ctx.home.settings)
     values = {k: getattr(settings, k) for k in Settings.field_names()}
     values["max_auto_caches"] = settings.max_auto_caches
     if not emit(values, output):
@@ -356,8 +357,8 @@ def config_get(ctx: Context, output: str) -> None:
 @click.argument("value", type=click.IntRange(min=0))
 @pass_ctx
 def config_set(ctx: Context, key: str, value: int) -> None:
-    settings = Settings.load(ctx.home)
+    settings = Settings.load(ctx.home.settings)
     setattr(settings, key, value)
-    settings.save(ctx.home)
+    settings.save(ctx.home.settings)
     click.echo(f"{key} = {value}")
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from builder.home import Home
 from builder.registry.auth import Keychain, SecretStore
 from builder.store import Store
 
@@ -64,7 +65,7 @@ class Context:
     """What every command needs: imc's home and the store in it."""
 
     def __init__(self, home: Path) -> None:
-        self.home = home
+        self.home = Home(home)
         self._store: Store | None = None
 
     @property
@@ -75,7 +76,7 @@ class Context:
 
     @property
     def secrets(self) -> SecretStore:
-        return SecretStore(self.home / "secrets")
+        return SecretStore(self.home.secrets)
 
     @property
     def caches(self) -> Caches:

@@ -132,7 +132,7 @@ def layers_verify(ctx: Context, output: str) -> None:
     else:
         click.echo(f"checked {report.checked} blobs, {human(report.bytes)}")
         for d in report.corrupt:
-            click.echo(f"corrupt {d} (moved to {ctx.store.quarantine})")
+            click.echo(f"corrupt {d} (moved to {ctx.store.home.quarantine})")
         for d in report.missing:
             click.echo(f"missing {d}")
     if not report.ok:

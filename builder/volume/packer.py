@@ -33,8 +33,9 @@ import zstandard
 from builder import faults
 from builder.digest import Digest, Verifier
 from builder.errors import CapacityError, DigestMismatchError, StoreError, ValidationError
+from builder.home import PARTIAL_SUFFIX, open_unlinked, partial_of
 from builder.oci import Descriptor, layer_compression
-from builder.store import Store, fsync_dir, open_unlinked, start_writeback
+from builder.store import Store, fsync_dir, start_writeback
 from builder.volume.format import (
     CHUNK_SIZE,
     HEADER,
@@ -343,7 +344,7 @@ def pack(store: Store, blobs: Sequence[Descriptor], path: Path, capacity: int, m
     total = sum(d.size for d in descs)
     if total > capacity:
         raise CapacityError(f"the blobs take {total} bytes, more than the volume's capacity of {capacity} bytes")
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_of(path)
     created_s = int(time.time())
     fd = _claim_partial(partial)
     try:
@@ -393,7 +394,7 @@ def _claim_partial(partial: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreError(f"volume {partial.name[:-len('.partial')]} is being written by another process") from None
+        raise StoreError(f"volume {partial.name.removesuffix(PARTIAL_SUFFIX)} is being written by another process") from None
     try:
         os.ftruncate(fd, 0)
     except OSError as e:

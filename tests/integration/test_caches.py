@@ -19,6 +19,7 @@ from builder import caches as caches_module
 from builder.caches import BuildLease, Caches
 from builder.digest import Digest
 from builder.errors import CacheStateError, NotFoundLocalError, QuotaError, ValidationError
+from builder.home import Home
 from builder.imagecache import CacheSpec, Settings, parse_time
 from builder.volume import Volume
 
@@ -247,7 +248,7 @@ def test_retention_and_unused_automatic_caches_expire(tmp_path: Path, plain_regi
 
 
 def test_quota_for_manual_and_automatic_caches(tmp_path: Path, plain_registry: Any) -> None:
-    Settings(max_manual_caches=2).save(tmp_path)
+    Settings(max_manual_caches=2).save(Home(tmp_path).settings)
     caches = Caches(tmp_path)
     for name in ("one", "two"):
         _, lease = caches.create(name, spec(plain_registry, "fixtures/base:1.0"))

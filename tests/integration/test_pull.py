@@ -206,7 +206,7 @@ def test_skopeo_reads_oci_images_from_the_store(tmp_path: Path, plain_registry: 
     store = Store(tmp_path)
     name = f"{plain_registry.host}/fixtures/oci-app:1.0"
     Puller(store, HostPolicy(plain_http=frozenset({plain_registry.host}))).pull([parse(name)])
-    out = subprocess.run(["skopeo", "inspect", f"oci:{store.layout}:{name}"], capture_output=True, text=True,
+    out = subprocess.run(["skopeo", "inspect", f"oci:{store.home.store}:{name}"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["Digest"] == catalogue["images"]["fixtures/oci-app:1.0"]["digest"]
@@ -239,7 +239,7 @@ def test_dropped_connection_mid_blob_resumes_with_range(tmp_path: Path, plain_re
     ranges = [line for req in proxy.requests for line in req.split("\r\n") if line.lower().startswith("range:")]
     assert len(ranges) == 1 and ranges[0].lower().startswith("range: bytes=") and not ranges[0].endswith("=0-")
     assert_stored(store, blobs_of(catalogue, "fixtures/base:1.0"))
-    assert list(store.ingest_dir.iterdir()) == []
+    assert list(store.home.ingest.iterdir()) == []
 
 
 def test_two_processes_pulling_the_same_image_fetch_each_blob_once(tmp_path: Path, plain_registry: Any,

@@ -159,7 +159,7 @@ def test_registry_killed_mid_blob_and_restarted_resumes_without_refetching(
     for blob in (config, *layers):
         data = store.blob_path(Digest.parse(blob["digest"])).read_bytes()
         assert "sha256:" + hashlib.sha256(data).hexdigest() == blob["digest"]
-    assert list(store.ingest_dir.iterdir()) == []
+    assert list(store.home.ingest.iterdir()) == []
     assert outcome["result"].blobs_fetched == 4
 
 
@@ -213,7 +213,7 @@ def test_stalled_connections_time_out_and_the_retry_succeeds(tmp_path: Path) -> 
     assert result.blobs_fetched == 2
     for blob in image.blobs:
         assert store.blob_path(Digest.parse(blob.digest)).read_bytes() == blob.data
-    assert list(store.ingest_dir.iterdir()) == []
+    assert list(store.home.ingest.iterdir()) == []
 
 
 # -- content that does not verify: Failed, nothing kept -----------------------------------------------------

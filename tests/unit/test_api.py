@@ -105,7 +105,7 @@ def snapshot(caches: Caches) -> tuple[list[dict[str, Any]], set[str]]:
     """Every record, and every file outside the database (whose WAL files come and go
     with connections, not writes)."""
     records = [c.to_doc() for c in caches.list()]
-    files = {str(p.relative_to(caches.home)) for p in caches.home.rglob("*")
+    files = {str(p.relative_to(caches.home.root)) for p in caches.home.root.rglob("*")
              if not p.name.startswith("caches.db")}
     return records, files
 
@@ -360,7 +360,7 @@ def test_a_bad_name_in_the_path_is_never_looked_up(api: ImageCacheAPI, caches: C
 
 
 def test_quota_exceeded_is_forbidden(api: ImageCacheAPI, caches: Caches, held: HeldBuilds) -> None:
-    Settings(max_manual_caches=1).save(caches.home)
+    Settings(max_manual_caches=1).save(caches.home.settings)
     assert post_yaml(api, cache_yaml("web"))[0].status == 201
     before = snapshot(caches)[0]
     resp, doc = post_yaml(api, cache_yaml("api"))

@@ -72,11 +72,11 @@ def puller(server, store: Store, creds: Keychain | None = None, **kwargs) -> Pul
 
 
 def blob_files(store: Store) -> set[str]:
-    return {p.name for p in (store.blobs / "sha256").iterdir()}
+    return {p.name for p in (store.home.blobs / "sha256").iterdir()}
 
 
 def index_entries(store: Store) -> list[dict]:
-    return json.loads((store.layout / "index.json").read_text())["manifests"]
+    return json.loads((store.home.store / "index.json").read_text())["manifests"]
 
 
 def assert_verified(store: Store, blob) -> None:
@@ -203,7 +203,7 @@ def test_pull_resumes_a_truncated_layer_end_to_end(server, tmp_path):
         assert_verified(store, blob)
     assert [i.name for i in store.images()] == [f"{server.reference}:v1"]
     assert result.blobs_fetched == 3
-    assert not list(store.ingest_dir.iterdir())
+    assert not list(store.home.ingest.iterdir())
 
 
 def test_pull_restarts_when_resume_is_ignored_end_to_end(server, tmp_path):
@@ -225,7 +225,7 @@ def test_partial_left_in_ingest_is_resumed(server, tmp_path):
     image = server.add_image([layer])
     blob = image.layers[0]
     store = Store(tmp_path / "home")
-    partial = store.ingest_dir / f"sha256-{Digest.parse(blob.digest).hex}.partial"
+    partial = store.home.ingest / f"sha256-{Digest.parse(blob.digest).hex}.partial"
     partial.write_bytes(layer[:180_000])  # what an interrupted download left
     result = puller(server, store).pull([parse(f"{server.reference}:v1")])
     assert server.ranges(server.blob_path(blob.digest)) == ["bytes=180000-"]
@@ -242,7 +242,7 @@ def test_complete_partial_left_in_ingest_is_committed(server, tmp_path):
     image = server.add_image([layer])
     blob = image.layers[0]
     store = Store(tmp_path / "home")
-    partial = store.ingest_dir / f"sha256-{Digest.parse(blob.digest).hex}.partial"
+    partial = store.home.ingest / f"sha256-{Digest.parse(blob.digest).hex}.partial"
     partial.write_bytes(layer)
     puller(server, store).pull([parse(f"{server.reference}:v1")])
     assert server.count(server.blob_path(blob.digest)) == 0
@@ -254,7 +254,7 @@ def test_complete_but_corrupt_partial_is_fetched_again(server, tmp_path):
     image = server.add_image([layer])
     blob = image.layers[0]
     store = Store(tmp_path / "home")
-    partial = store.ingest_dir / f"sha256-{Digest.parse(blob.digest).hex}.partial"
+    partial = store.home.ingest / f"sha256-{Digest.parse(blob.digest).hex}.partial"
     partial.write_bytes(b"\0" + layer[1:])  # right size, wrong bytes
     puller(server, store).pull([parse(f"{server.reference}:v1")])
     assert server.ranges(server.blob_path(blob.digest)) == [None]
@@ -277,7 +277,7 @@ def test_corrupt_blob_is_refused_and_not_stored(server, tmp_path):
     assert index_entries(store) == []
     assert store.images() == []
     # bytes that can never verify are dropped (other blobs' partials may stay, for resume)
-    assert not (store.ingest_dir / f"sha256-{Digest.parse(bad.digest).hex}.partial").exists()
+    assert not (store.home.ingest / f"sha256-{Digest.parse(bad.digest).hex}.partial").exists()
 
 
 def test_blob_longer_than_its_descriptor_is_refused(server, tmp_path):
@@ -520,7 +520,7 @@ def test_gc_removes_unreferenced_blobs_only(tmp_path):
     _, gone = stored_image(store, "reg/b:1", [shared, b"only b"], named=False)  # held by no name
     stray = b"nobody needs me"
     store.put_bytes(Digest.of(stray), stray)
-    (store.ingest_dir / f"sha256-{'0' * 64}.partial").write_bytes(b"abandoned")
+    (store.home.ingest / f"sha256-{'0' * 64}.partial").write_bytes(b"abandoned")
     sizes = {d: store.size(d) for d, _ in store.all_blobs()}
 
     report = store.gc()
@@ -531,7 +531,7 @@ def test_gc_removes_unreferenced_blobs_only(tmp_path):
     assert report.blobs_removed == 4
     assert report.bytes_freed == sum(sizes[d] for d in removed)
     assert report.partials_removed == 1
-    assert not list(store.ingest_dir.iterdir())
+    assert not list(store.home.ingest.iterdir())
     assert store.gc().blobs_removed == 0
     assert store.verify().ok
 
@@ -567,7 +567,7 @@ def test_verify_quarantines_a_corrupted_blob(tmp_path):
     assert report.checked == len(blobs)
     assert not report.ok
     assert not path.exists()
-    quarantined = store.quarantine / f"sha256-{victim.hex}"
+    quarantined = store.home.quarantine / f"sha256-{victim.hex}"
     assert quarantined.read_bytes() == bytes(data)  # kept for inspection
     others = {d for d, _ in store.all_blobs()}
     assert others == set(blobs) - {victim}

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "builder"
 
 LAYERS = [
-    "errors", "faults", "digest", "reference", "oci", "compression",
+    "errors", "faults", "digest", "home", "reference", "oci", "compression",
     "registry.hosts", "registry.auth", "registry.client",
     "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "caches", "artifact", "matcher",
     "server.metrics", "server.registry", "server.api", "server.app",

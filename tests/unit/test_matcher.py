@@ -27,6 +27,7 @@ from builder.errors import (
     QuotaError,
     ValidationError,
 )
+from builder.home import Home
 from builder.imagecache import (
     CREATING,
     FAILED,
@@ -243,7 +244,7 @@ def test_rank_reports_the_best_ten_with_their_numbers(caches: Caches) -> None:
 def test_rank_in_memory_agrees_with_rank_in_sql(caches: Caches, tmp_path: Path) -> None:
     """The matcher ranks in SQL; the serving index ranks caches it holds in memory:
     both must follow the same rules, on any records."""
-    Settings(max_manual_caches=1000).save(tmp_path)
+    Settings(max_manual_caches=1000).save(Home(tmp_path).settings)
     rnd = random.Random(7)
     repos = [f"team/r{n}" for n in range(6)]
     for n in range(120):
@@ -347,7 +348,7 @@ def test_auto_match_without_a_match_creates_an_automatic_cache(caches: Caches, s
         assert any("more than the largest cache" in w for w in result.warnings) == (storage > 32768)
         # The lease is the right to build it: nobody else can take it meanwhile.
         with pytest.raises(CacheStateError):
-            BuildLease(caches.store.locks / f"cache-{cache.id}.lock")
+            BuildLease(caches.home.cache_lock(cache.id))
     finally:
         result.lease.release()
 
@@ -370,7 +371,7 @@ def test_auto_match_twice_for_one_instance_says_it_exists(caches: Caches) -> Non
 
 
 def test_auto_match_respects_the_automatic_quota(tmp_path: Path) -> None:
-    Settings(max_manual_caches=2).save(tmp_path)
+    Settings(max_manual_caches=2).save(Home(tmp_path).settings)
     caches = Caches(tmp_path)
     best(caches, "team/app:1.0", auto_match=True, instance_id="a").lease.release()
     with pytest.raises(QuotaError, match="automatic"):

@@ -21,7 +21,7 @@ def test_gc_removes_stale_temporary_files_and_keeps_fresh_ones(tmp_path: Path) -
         path.write_text("123")
     old = time.time() - STALE_TEMP_SECONDS - 60
     os.utime(stale, (old, old))
-    blob_tmp = store.blobs / "sha256" / ".abc.x3.tmp"  # left by a write_atomic killed under pinning
+    blob_tmp = store.home.blobs / "sha256" / ".abc.x3.tmp"  # left by a write_atomic killed under pinning
     blob_tmp.write_text("half")
     report = store.gc()
     assert not stale.exists() and fresh.exists() and not blob_tmp.exists()

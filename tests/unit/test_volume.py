@@ -589,7 +589,7 @@ def _layer(store: Store, media_type: str, data: bytes) -> Descriptor:
 
 
 def _cached(store: Store, desc: Descriptor) -> Path:
-    return store.home / "meta" / "unpacked" / f"sha256-{desc.digest.hex}"
+    return store.home.unpacked_record(desc.digest)
 
 
 def test_unpacked_size_of_every_kind(tmp_path, content):
