@@ -23,7 +23,7 @@ from builder.errors import NotFoundLocalError, ValidationError
 from builder.oci import Platform, layer_compression
 from builder.pull import DEFAULT_CONCURRENCY, Puller
 from builder.reference import parse as parse_reference
-from builder.registry.hosts import HostPolicy, parse_endpoint_list
+from builder.registry.hosts import HostPolicy, parse_endpoint, parse_endpoint_list
 from builder.store import Store, layer_usage
 
 
@@ -172,9 +172,7 @@ def secret() -> None:
 @pass_ctx
 def secret_create(ctx: Context, name: str, registry: str, username: str, password_stdin: bool) -> None:
     """Store credentials for a registry under NAMESPACE:NAME."""
-    (endpoint,) = parse_endpoint_list(registry) or {""}
-    if not endpoint:
-        raise ValidationError("--registry is empty")
+    endpoint = parse_endpoint(registry, "--registry")
     password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise ValidationError("no password on standard input")

@@ -45,6 +45,15 @@ def parse_endpoint_list(text: str | Iterable[str] | None) -> frozenset[str]:
     return frozenset(out)
 
 
+def parse_endpoint(text: str, what: str) -> str:
+    """Exactly one endpoint, for an option that names one registry (``what`` names it
+    in the error): a comma list there is a mistake, not several registries."""
+    endpoints = parse_endpoint_list(text)
+    if len(endpoints) != 1:
+        raise ValidationError(f"{what}: want one registry endpoint (host or host:port), got {text!r}")
+    return next(iter(endpoints))
+
+
 @dataclass(frozen=True)
 class HostPolicy:
     """Which endpoints get plain HTTP, which skip verification, and the CA to trust."""
