@@ -343,13 +343,20 @@ def config() -> None:
 @output_option("json", "yaml")
 @pass_ctx
 def config_get(ctx: Context, output: str) -> None:
-    """Every setting and its value."""
+    """Every setting and its value, and how many caches of each kind exist against
+    their quota (what the hosted service's ListUsage reports)."""
     settings = Settings.load(ctx.home.settings)
-    values = {k: getattr(settings, k) for k in Settings.field_names()}
+    values: dict[str, Any] = {k: getattr(settings, k) for k in Settings.field_names()}
     values["max_auto_caches"] = settings.max_auto_caches
-    if not emit(values, output):
+    caches = ctx.caches.list()
+    auto = sum(1 for c in caches if c.auto)
+    usage = {"manual": {"used": len(caches) - auto, "limit": settings.max_manual_caches},
+             "automatic": {"used": auto, "limit": settings.max_auto_caches}}
+    if not emit({**values, "usage": usage}, output):
         for k, v in values.items():
             click.echo(f"{k} = {v}")
+        for kind, count in usage.items():
+            click.echo(f"{kind} caches: {count['used']} of {count['limit']}")
 
 
 @config.command("set")
