@@ -39,6 +39,7 @@ from builder.imagecache import (
     READY,
     UPDATE_FAILED,
     UPDATING,
+    AnnotationReport,
     CacheDB,
     CacheSpec,
     Event,
@@ -263,7 +264,7 @@ class Caches:
     # -- create, update, delete ------------------------------------------------------------
 
     def create(self, name: str, spec: CacheSpec, *, auto: bool = False, instance_id: str | None = None,
-               no_effect: tuple[str, ...] | list[str] = ()) -> tuple[ImageCache, BuildLease]:
+               no_effect: AnnotationReport | None = None) -> tuple[ImageCache, BuildLease]:
         """Validate and record a new cache in phase Creating; the caller then builds it
         with the returned lease (in this process, a thread, or a child process)."""
         validate_name(name)
@@ -276,8 +277,8 @@ class Caches:
         kind = "automatic image cache" if auto else "image cache"
         cache.event("Creating", f"{kind} {name} created: {len(spec.images)} images, {spec.size_gib} GiB"
                     f"{', reuse' if spec.reuse else ''}{', flash' if spec.flash else ''}", when=now)
-        for key in no_effect:
-            cache.event("AnnotationIgnored", f"{key} has no effect on a local image cache", "Warning", when=now)
+        if no_effect is not None:
+            no_effect.record(cache, now)
         cache.expire = cache.retention_expiry()
         settings = self.settings
         lease = BuildLease(self._lease_path(cache.id), wait=True)

@@ -52,11 +52,29 @@ A_SIZE = ANNOTATION_PREFIX + "imc-size"
 A_PLAIN_HTTP = ANNOTATION_PREFIX + "plain-http-registry"
 A_INSECURE = ANNOTATION_PREFIX + "insecure-registry"
 KNOWN_ANNOTATIONS = (A_REUSE, A_FLASH, A_RETENTION, A_SIZE, A_PLAIN_HTTP, A_INSECURE)
-# Cloud placement and networking: meaningful to the hosted service, not to a local cache.
+# The documentation's placement, networking and cloud-registry annotations: meaningful
+# to the hosted service, not to a cache on one machine. Accepted, recorded, reported.
 CLOUD_ONLY_ANNOTATIONS = tuple(ANNOTATION_PREFIX + a for a in (
-    "eci-vswitch", "eci-security-group", "eci-with-eip", "eci-eip-instanceid", "eip-bandwidth",
-    "eip-common-bandwidth-package-id", "eip-isp", "eip-internet-charge-type", "imc-vswitch",
-    "imc-security-group", "imc-with-eip", "imc-eip-bandwidth"))
+    "vswitch-ids", "security-group-id", "resource-group-id", "acr-instance-ids", "eip-instance-id",
+    "auto-create-eip", "eip-bandwidth", "eip-internet-charge-type", "eip-isp", "eip-common-bandwidth-package-id"))
+
+
+@dataclass(frozen=True)
+class AnnotationReport:
+    """Annotations a spec accepted without effect: the documented cloud-only ones, and
+    ``k8s.aliyun.com/`` ones nobody documents (a typo, or a pod's annotation on a cache).
+    The cache's events say so; the annotations themselves stay in its metadata."""
+
+    cloud_only: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+
+    def record(self, cache: ImageCache, when: dt.datetime | None = None) -> None:
+        if self.cloud_only:
+            cache.event("AnnotationIgnored", f"{', '.join(self.cloud_only)}: cloud placement and networking, "
+                        "no effect on a local image cache", when=when)
+        for key in self.unknown:
+            cache.event("UnknownAnnotation", f"{key} is not a known image cache annotation; ignored", "Warning",
+                        when=when)
 
 
 def now_utc() -> dt.datetime:
@@ -143,17 +161,18 @@ class CacheSpec:
                          sorted(parse_endpoint_list(self.insecure)), dict(self.annotations))
 
     @classmethod
-    def from_annotations(cls, base: CacheSpec, annotations: dict[str, str]) -> tuple[CacheSpec, list[str]]:
+    def from_annotations(cls, base: CacheSpec, annotations: dict[str, Any]) -> tuple[CacheSpec, AnnotationReport]:
         """Apply ``k8s.aliyun.com/…`` annotations over ``base``.
 
-        Returns the spec and the annotations that were accepted but have no effect on a
-        local cache (cloud placement), which the caller records as events. An unknown
+        Returns the spec and a report of the annotations accepted without effect, which
+        the caller records as events. A null value is an unset annotation. An unknown
         ``imc-`` annotation is an error: it is almost certainly a typo of a real one.
         """
         spec = CacheSpec(**{f.name: getattr(base, f.name) for f in fields(CacheSpec)})
-        spec.annotations = {**base.annotations, **annotations}
-        no_effect = []
-        for key, value in annotations.items():
+        given = {key: value for key, value in annotations.items() if value is not None}
+        spec.annotations = {**base.annotations, **given}
+        cloud_only, unknown = [], []
+        for key, value in given.items():
             if not isinstance(value, str):
                 raise ValidationError(f"annotation {key}: values must be strings, got {value!r}")
             if not key.startswith(ANNOTATION_PREFIX):
@@ -171,11 +190,13 @@ class CacheSpec:
             elif key == A_INSECURE:
                 spec.insecure = sorted(parse_endpoint_list(value))
             elif key in CLOUD_ONLY_ANNOTATIONS:
-                no_effect.append(key)
+                cloud_only.append(key)
             elif key[len(ANNOTATION_PREFIX):].startswith("imc-"):
                 known = ", ".join(a[len(ANNOTATION_PREFIX):] for a in KNOWN_ANNOTATIONS)
                 raise ValidationError(f"unknown annotation {key} (known: {known})")
-        return spec, no_effect
+            else:
+                unknown.append(key)
+        return spec, AnnotationReport(tuple(cloud_only), tuple(unknown))
 
 
 def validate_name(name: str) -> str:
@@ -357,9 +378,13 @@ class ImageCache:
         return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec, "status": status}
 
 
-def spec_from_object(obj: Any) -> tuple[str, CacheSpec, list[str]]:
+def spec_from_object(obj: Any) -> tuple[str, CacheSpec, AnnotationReport]:
     """Read an ``ImageCache`` object (parsed YAML or JSON): its name, spec, and the
-    annotations accepted without effect. Raises ValidationError naming the field."""
+    annotations accepted without effect. Raises ValidationError naming the field.
+
+    As in Kubernetes, an optional field that is null (``imageCacheSize:`` with no value,
+    as the documentation's own examples write it) is an unset field: its default holds.
+    """
     if not isinstance(obj, dict):
         raise ValidationError("ImageCache: the document is not an object")
     if obj.get("apiVersion") != API_VERSION:
@@ -384,11 +409,11 @@ def spec_from_object(obj: Any) -> tuple[str, CacheSpec, list[str]]:
     annotations = metadata.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise ValidationError("metadata.annotations: want a map of strings")
-    base = CacheSpec(images=images, image_pull_secrets=secrets_,
-                     size_gib=spec_obj.get("imageCacheSize", SIZE_DEFAULT),
+    size = spec_obj.get("imageCacheSize")
+    base = CacheSpec(images=images, image_pull_secrets=secrets_, size_gib=SIZE_DEFAULT if size is None else size,
                      retention_days=spec_obj.get("retentionDays"))
-    spec, no_effect = CacheSpec.from_annotations(base, {str(k): v for k, v in annotations.items()})
-    return name, spec.validated(), no_effect
+    spec, report = CacheSpec.from_annotations(base, {str(k): v for k, v in annotations.items()})
+    return name, spec.validated(), report
 
 
 def match_keys(cache: ImageCache) -> set[tuple[str, str]]:

@@ -48,6 +48,7 @@ from builder.errors import (
 from builder.imagecache import (
     API_VERSION,
     KIND,
+    AnnotationReport,
     CacheSpec,
     ImageCache,
     new_cache_id,
@@ -286,7 +287,7 @@ class ImageCacheAPI:
             raise ApiError(503, "ServiceUnavailable", e.message, name) from None
         return cache.to_object()
 
-    def _would_create(self, name: str, spec: CacheSpec, no_effect: list[str]) -> dict[str, Any]:
+    def _would_create(self, name: str, spec: CacheSpec, no_effect: AnnotationReport) -> dict[str, Any]:
         """``dryRun=All``: the checks ``create`` makes, none of its writes."""
         if self._exists(name):
             raise _already_exists(name)
@@ -303,8 +304,7 @@ class ImageCacheAPI:
         now = rfc3339(now_utc())
         cache = ImageCache(name=name, id=new_cache_id(), spec=spec, created=now)  # type: ignore[arg-type]
         cache.expire = cache.retention_expiry()
-        for key in no_effect:
-            cache.event("AnnotationIgnored", f"{key} has no effect on a local image cache", "Warning")
+        no_effect.record(cache)
         obj = cache.to_object()
         obj["status"]["phase"] = ""
         return obj

@@ -365,7 +365,7 @@ metadata:
   annotations:
     k8s.aliyun.com/imc-enable-reuse: "true"
     k8s.aliyun.com/plain-http-registry: "{plain_registry.host}"
-    k8s.aliyun.com/eci-vswitch: "vsw-123"
+    k8s.aliyun.com/vswitch-ids: "vsw-123"
 spec:
   images:
   - {plain_registry.host}/fixtures/app:1.0
@@ -392,7 +392,7 @@ spec:
     assert obj["metadata"]["annotations"]["k8s.aliyun.com/imc-enable-reuse"] == "true"
     assert obj["status"]["phase"] == "Ready" and obj["status"]["progress"] == "100%"
     assert obj["status"]["imageCacheId"].startswith("imc-")
-    assert any(e["reason"] == "AnnotationIgnored" and "eci-vswitch" in e["message"] for e in obj["status"]["events"])
+    assert any(e["reason"] == "AnnotationIgnored" and "vswitch-ids" in e["message"] for e in obj["status"]["events"])
     listing = run_imc(home, "cache", "list").stdout.splitlines()
     assert listing[0].split() == ["NAME", "AGE", "CACHEID", "PHASE", "PROGRESS"]
     assert [line.split()[0] for line in listing[1:]] == ["first", "second"]

@@ -165,10 +165,22 @@ def test_post_without_content_type_sniffs_json_and_yaml(api: ImageCacheAPI, held
 
 
 def test_post_records_cloud_only_annotations_as_having_no_effect(api: ImageCacheAPI) -> None:
-    resp, doc = post_yaml(api, yaml.safe_dump(cache_obj("web", {"k8s.aliyun.com/eci-vswitch": "vsw-1"})))
+    resp, doc = post_yaml(api, yaml.safe_dump(cache_obj("web", {"k8s.aliyun.com/vswitch-ids": "vsw-1",
+                                                                 "k8s.aliyun.com/security-group-id": "sg-1",
+                                                                 "k8s.aliyun.com/eci-vswitch": "vsw-1"})))
     assert resp.status == 201
     ignored = [e for e in doc["status"]["events"] if e["reason"] == "AnnotationIgnored"]
-    assert len(ignored) == 1 and "eci-vswitch" in ignored[0]["message"]
+    assert len(ignored) == 1
+    assert "vswitch-ids" in ignored[0]["message"] and "security-group-id" in ignored[0]["message"]
+    [unknown] = [e for e in doc["status"]["events"] if e["reason"] == "UnknownAnnotation"]
+    assert unknown["type"] == "Warning" and "k8s.aliyun.com/eci-vswitch" in unknown["message"]
+
+
+def test_post_with_null_optional_fields_takes_the_defaults(api: ImageCacheAPI) -> None:
+    resp, doc = post_json(api, cache_obj("web", imageCacheSize=None, retentionDays=None, imagePullSecrets=None))
+    assert resp.status == 201, doc
+    assert doc["spec"]["imageCacheSize"] == 20 and "retentionDays" not in doc["spec"]
+    assert doc["status"]["expireDateTime"] is None
 
 
 def test_dry_run_validates_without_creating(api: ImageCacheAPI, caches: Caches, held: HeldBuilds) -> None:
