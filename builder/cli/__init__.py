@@ -32,6 +32,7 @@ COMMANDS = {
     "match": "builder.cli.match_cmd:match",
     "mirror-config": "builder.cli.mirror_cmd:mirror_config",
     "serve": "builder.cli.serve_cmd:serve",
+    "kubeconfig": "builder.cli.serve_cmd:kubeconfig",
 }
 
 

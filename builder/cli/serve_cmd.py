@@ -5,11 +5,14 @@ from __future__ import annotations
 import signal
 
 import click
+import yaml
 
 from builder.cli.common import Context, make_keychain, pass_ctx, registry_options
+from builder.errors import ValidationError
 from builder.pull import Puller
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
 from builder.server.app import Server, parse_listen
+from builder.server.discovery import kubeconfig as kubeconfig_document
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -48,3 +51,17 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
         server.serve_forever()
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
+
+
+@click.command()
+@click.option("--listen", default="127.0.0.1:5050", show_default=True,
+              help="The address imc serve listens on.")
+def kubeconfig(listen: str) -> None:
+    """Print a kubeconfig for kubectl to manage the caches through imc serve at --listen."""
+    host, port = parse_listen(listen, allow_remote=True)
+    if port == 0:
+        raise ValidationError(f"--listen {listen!r}: give the port imc serve listens on, not 0")
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # every address: reach it on loopback
+    server = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    click.echo(yaml.safe_dump(kubeconfig_document(server), sort_keys=False), nl=False)

@@ -47,7 +47,6 @@ from builder.errors import (
 )
 from builder.imagecache import (
     API_VERSION,
-    KIND,
     AnnotationReport,
     CacheSpec,
     ImageCache,
@@ -57,12 +56,10 @@ from builder.imagecache import (
     spec_from_object,
     validate_name,
 )
+from builder.server.discovery import GROUP, KIND, LIST_KIND, RESOURCE, documents, table, wants_table
 
 log = logging.getLogger(__name__)
 
-GROUP = "eci.alibabacloud.com"
-RESOURCE = "imagecaches"
-LIST_KIND = KIND + "List"
 MAX_BODY_BYTES = 1 << 20
 """The largest request body accepted; a server may stop reading beyond it."""
 MAX_YAML_DEPTH = 64
@@ -102,13 +99,16 @@ class ApiError(Exception):
     """A refusal on its way to becoming a Status object: HTTP code, reason, message."""
 
     def __init__(self, code: int, reason: str, message: str, name: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, kind: str = RESOURCE,
+                 causes: list[dict[str, str]] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
         self.name = name
         self.headers = headers or {}
+        self.kind = kind
+        self.causes = causes or []
 
 
 # -- the build runner -------------------------------------------------------------------------
@@ -187,6 +187,15 @@ class ImageCacheAPI:
     """The ImageCache resource over HTTP semantics, for any server to call."""
 
     PREFIX = f"/apis/{API_VERSION}/{RESOURCE}"
+    DOCUMENTS = documents()
+
+    @classmethod
+    def owns(cls, path: str) -> bool:
+        """Whether a request path is the API's (the resource, discovery, the schema,
+        the version), not the registry's."""
+        route = urlsplit(path).path.rstrip("/") or "/"
+        return (route in cls.DOCUMENTS or route == "/openapi/v2" or route.startswith(cls.PREFIX)
+                or route.startswith("/apis/") or route.startswith("/api/") or route.startswith("/openapi/"))
 
     def __init__(self, caches: Caches, builds: BuildSubmitter) -> None:
         self.caches = caches
@@ -200,7 +209,7 @@ class ImageCacheAPI:
             status, doc = self._dispatch(method.upper(), path, lowered, body)
             return _render(status, doc, fmt)
         except ApiError as e:
-            return _render(e.code, _failure(e.code, e.reason, e.message, e.name), fmt, e.headers)
+            return _render(e.code, _failure(e.code, e.reason, e.message, e.name, e.kind, e.causes), fmt, e.headers)
         except Exception:
             # Never leak a traceback or an internal message (paths, hosts) to a client.
             log.exception("%s %s failed unexpectedly", method, path)
@@ -215,27 +224,43 @@ class ImageCacheAPI:
         if route != self.PREFIX and route.endswith("/"):
             route = route[:-1]
         query = parse_qs(parts.query, keep_blank_values=True)
+        document = self.DOCUMENTS.get(route.rstrip("/") or "/")
+        if document is not None:
+            if method not in ("GET", "HEAD"):
+                raise _not_allowed(method, "GET", "a discovery document")
+            return 200, document
+        as_table = wants_table(headers.get("accept", ""))
         if route == self.PREFIX:
             if method == "GET":
-                return 200, self._list()
+                listed = self._list(query)
+                return 200, _as_table(listed["items"], query, listed["metadata"]) if as_table else listed
             if method == "POST":
                 return 201, self._create(headers, body, query)
             raise _not_allowed(method, "GET, POST", "the collection")
         prefix = self.PREFIX + "/"
-        if not route.startswith(prefix) or "/" in route[len(prefix):]:
+        if not route.startswith(prefix):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         raw_name = route[len(prefix):]
+        if raw_name.endswith("/status") and raw_name.count("/") == 1:
+            # The status subresource: imc writes status, clients only read it.
+            if method != "GET":
+                raise _not_allowed(method, "GET", "the status of an image cache")
+            raw_name = raw_name[:-len("/status")]
+        if "/" in raw_name:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if method not in ("GET", "DELETE"):
             raise _not_allowed(method, "GET, DELETE", "an image cache")
         name = _path_name(raw_name)
         if method == "GET":
-            return 200, self._get(name).to_object()
+            obj = self._get(name).to_object()
+            return 200, _as_table([obj], query) if as_table else obj
         return 200, self._delete(name)
 
     # -- the verbs --------------------------------------------------------------------------
 
-    def _list(self) -> dict[str, Any]:
-        items = [c.to_object() for c in self.caches.list()]
+    def _list(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        wanted = _name_selector(query)
+        items = [c.to_object() for c in self.caches.list() if wanted is None or c.name == wanted]
         return {"apiVersion": API_VERSION, "kind": LIST_KIND, "metadata": {}, "items": items}
 
     def _get(self, name: str) -> ImageCache:
@@ -398,6 +423,30 @@ def _claimed_name(obj: dict[str, Any]) -> str | None:
     return _clip(name, 253) if isinstance(name, str) else None
 
 
+def _name_selector(query: dict[str, list[str]]) -> str | None:
+    """The one name a ``fieldSelector`` asks for (``metadata.name=NAME``, as ``kubectl
+    wait`` and ``get NAME -w`` send), or None for every cache."""
+    wanted = None
+    for selector in query.get("fieldSelector", []):
+        for term in filter(None, selector.split(",")):
+            key, sep, value = term.partition("=")
+            if key != "metadata.name" or not sep or value.startswith("="):
+                raise ApiError(400, "BadRequest", f"fieldSelector {_clip(term, 100)!r}: only metadata.name=NAME "
+                               "is supported")
+            if wanted is not None and wanted != value:
+                return "\0"  # two different names: nothing matches both
+            wanted = value
+    return wanted
+
+
+def _as_table(objects: list[dict[str, Any]], query: dict[str, list[str]],
+              list_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    include = (query.get("includeObject") or ["Metadata"])[-1]
+    if include not in ("None", "Metadata", "Object"):
+        raise ApiError(400, "BadRequest", f"includeObject {_clip(include, 40)!r}: want None, Metadata or Object")
+    return table(objects, now_utc(), include, list_meta)
+
+
 def _path_name(raw: str) -> str:
     """A name from the URL, checked before it is used for anything."""
     try:
@@ -421,10 +470,13 @@ def _quote(name: str) -> str:
     return json.dumps(_clip(name, 100))
 
 
-def _failure(code: int, reason: str, message: str, name: str | None = None) -> dict[str, Any]:
-    details: dict[str, Any] = {"group": GROUP, "kind": RESOURCE}
+def _failure(code: int, reason: str, message: str, name: str | None = None, kind: str = RESOURCE,
+             causes: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    details: dict[str, Any] = {"group": GROUP, "kind": kind}
     if name is not None:
         details = {"name": name, **details}
+    if causes:
+        details["causes"] = causes
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": _clip(message), "reason": reason, "details": details, "code": code}
 
@@ -439,7 +491,31 @@ def _already_exists(name: str) -> ApiError:
 
 def _invalid(name: str | None, message: str) -> ApiError:
     who = f"{KIND}.{GROUP} {_quote(name)}" if name else f"{KIND}.{GROUP}"
-    return ApiError(422, "Invalid", f"{who} is invalid: {message}", name)
+    # kubectl prints an Invalid Status as 'The KIND "NAME" is invalid: FIELD: MESSAGE'
+    # from its details, so the kind is the Kind and the field is a cause of its own.
+    return ApiError(422, "Invalid", f"{who} is invalid: {message}", name, kind=KIND, causes=[_cause(message)])
+
+
+SPEC_FIELDS = ("images", "imagePullSecrets", "imageCacheSize", "retentionDays")
+
+
+def _cause(message: str) -> dict[str, str]:
+    """A validation message (``FIELD: what is wrong``) as a StatusCause naming the field
+    by its path in the object."""
+    head, sep, rest = message.partition(": ")
+    if not sep:
+        return {"reason": "FieldValueInvalid", "message": _clip(message), "field": "spec"}
+    if head.startswith("annotation "):
+        path = f"metadata.annotations[{head.removeprefix('annotation ')}]"
+    elif head.startswith("name "):
+        path = "metadata.name"
+    elif head.split(".")[0] in SPEC_FIELDS:
+        path = f"spec.{head}"
+    elif " " not in head:
+        path = head
+    else:
+        path, rest = "spec", message
+    return {"reason": "FieldValueInvalid", "message": _clip(rest), "field": _clip(path, 200)}
 
 
 def _not_allowed(method: str, allow: str, what: str) -> ApiError:

@@ -91,7 +91,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "Error"
         text = (message or phrase)[:200]
-        if getattr(self, "path", "").startswith(ImageCacheAPI.PREFIX):
+        if ImageCacheAPI.owns(getattr(self, "path", "")):
             body = json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                                "message": text, "reason": phrase.replace(" ", ""), "code": code}).encode()
         else:
@@ -132,7 +132,7 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         parts = urlsplit(self.path)
         try:
-            if parts.path.startswith(ImageCacheAPI.PREFIX):
+            if ImageCacheAPI.owns(parts.path):
                 reply = self._api(app)
             elif parts.path == "/metrics" and self.command == "GET":
                 reply = Reply(200, {"Content-Type": Metrics.CONTENT_TYPE}, app.metrics.render().encode())
@@ -140,7 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
                 reply = app.registry.handle(self.command, parts.path, dict(parse_qsl(parts.query)), self._headers())
             else:
                 reply = error(404, "NOT_FOUND", "unknown route")
-            if not parts.path.startswith(ImageCacheAPI.PREFIX) and (
+            if not ImageCacheAPI.owns(parts.path) and (
                     "Transfer-Encoding" in self.headers or (self.headers.get("Content-Length") or "0").strip() != "0"):
                 self._unread_body = True  # never read: it must not be taken for the next request
         except ImcError as e:

@@ -96,7 +96,8 @@ def failure(doc: dict[str, Any], code: int, reason: str, name: str | None = None
     assert doc["status"] == "Failure"
     assert doc["code"] == code and doc["reason"] == reason
     assert isinstance(doc["message"], str) and doc["message"]
-    assert doc["details"]["group"] == "eci.alibabacloud.com" and doc["details"]["kind"] == "imagecaches"
+    assert doc["details"]["group"] == "eci.alibabacloud.com"
+    assert doc["details"]["kind"] == ("ImageCache" if reason == "Invalid" else "imagecaches")
     if name is not None:
         assert doc["details"]["name"] == name
 
@@ -296,7 +297,7 @@ REFUSED: list[tuple[str, str, str, bytes | str, dict[str, str], int, str]] = [
     ("patch-item", "PATCH", f"{PREFIX}/web", "{}", {}, 405, "MethodNotAllowed"),
     ("delete-collection", "DELETE", PREFIX, "", {}, 405, "MethodNotAllowed"),
     ("post-item", "POST", f"{PREFIX}/web", cache_yaml("web"), {}, 405, "MethodNotAllowed"),
-    ("sub-path", "GET", f"{PREFIX}/web/status", "", {}, 404, "NotFound"),
+    ("sub-path", "GET", f"{PREFIX}/web/logs", "", {}, 404, "NotFound"),
     ("sub-path-delete", "DELETE", f"{PREFIX}/web/x", "", {}, 404, "NotFound"),
     ("dot-dot", "DELETE", f"{PREFIX}/..", "", {}, 404, "NotFound"),
     ("bad-name-get", "GET", f"{PREFIX}/Bad_Name", "", {}, 404, "NotFound"),
