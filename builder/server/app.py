@@ -149,6 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply)
         if self._unread_body:
             self._linger()
+        if reply.outcome is not None:
+            app.metrics.record(reply.outcome)
         if parts.path.startswith("/v2/"):
             app.metrics.observe(_request_kind(parts.path), time.monotonic() - started)
 
@@ -217,8 +219,7 @@ class Server:
                  upstream: str | None = None, sweep_interval: float = 3600.0, build_workers: int = 2) -> None:
         self.caches = caches
         self.metrics = Metrics()
-        self.registry = RegistryEndpoint(caches, pull_through, upstream, on_hit=self.metrics.hit,
-                                         on_lookup=self.metrics.lookup, on_upstream=self.metrics.upstream)
+        self.registry = RegistryEndpoint(caches, pull_through, upstream)
         self.builds = BuildRunner(caches, workers=build_workers)
         self.api = ImageCacheAPI(caches, self.builds)
         self.sweep_interval = sweep_interval

@@ -21,6 +21,8 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+from builder.server.registry import Outcome
+
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds: from a manifest answered from memory to a large layer over a slow link."""
 
@@ -49,32 +51,24 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._served: dict[tuple[str, str], int] = defaultdict(int)
+        self._served_bytes: dict[str, int] = defaultdict(int)
         self._hits: dict[tuple[str, str], int] = defaultdict(int)
-        self._bytes: dict[str, int] = defaultdict(int)
-        self._cache_hits: dict[tuple[str, str], int] = defaultdict(int)
         self._misses: dict[str, int] = defaultdict(int)
         self._upstream = 0
         self._durations: dict[str, _Histogram] = defaultdict(_Histogram)
 
-    def hit(self, cache: str | None, kind: str, size: int) -> None:
-        """A manifest or blob served, from ``cache`` (None: the store or unknown)."""
+    def record(self, outcome: Outcome) -> None:
+        """Count what answering one registry request did: served, hit or miss, fetched upstream."""
         with self._lock:
-            self._hits[(cache or "", kind)] += 1
-            self._bytes[kind] += size
-
-    def lookup(self, cache: str | None, kind: str, hit: bool) -> None:
-        """A manifest or blob request answered from what was local (``hit``, by the
-        cache that answered) or not (a miss)."""
-        with self._lock:
-            if hit:
-                self._cache_hits[(cache or "", kind)] += 1
-            else:
-                self._misses[kind] += 1
-
-    def upstream(self, size: int) -> None:
-        """Bytes pull-through fetched from an upstream registry."""
-        with self._lock:
-            self._upstream += size
+            if outcome.served is not None:
+                self._served[(outcome.served_cache or "", outcome.kind)] += 1
+                self._served_bytes[outcome.kind] += outcome.served
+            if outcome.hit:
+                self._hits[(outcome.cache or "", outcome.kind)] += 1
+            elif outcome.hit is False:
+                self._misses[outcome.kind] += 1
+            self._upstream += outcome.upstream_bytes
 
     def observe(self, kind: str, seconds: float) -> None:
         """How long one registry request took, to the last byte of its answer."""
@@ -86,16 +80,16 @@ class Metrics:
         with self._lock:
             lines = ["# HELP imc_served_total Manifests and blobs served, by cache and kind.",
                      "# TYPE imc_served_total counter"]
-            for (cache, kind), n in sorted(self._hits.items()):
+            for (cache, kind), n in sorted(self._served.items()):
                 lines.append(f'imc_served_total{{cache="{cache}",kind="{kind}"}} {n}')
             lines += ["# HELP imc_served_bytes_total Bytes of manifests and blobs served, by kind.",
                       "# TYPE imc_served_bytes_total counter"]
-            for kind, n in sorted(self._bytes.items()):
+            for kind, n in sorted(self._served_bytes.items()):
                 lines.append(f'imc_served_bytes_total{{kind="{kind}"}} {n}')
             lines += [("# HELP imc_cache_hits_total Requests answered from local content, by the cache that "
                       "answered (empty: the store's images) and kind."),
                       "# TYPE imc_cache_hits_total counter"]
-            for (cache, kind), n in sorted(self._cache_hits.items()):
+            for (cache, kind), n in sorted(self._hits.items()):
                 lines.append(f'imc_cache_hits_total{{cache="{cache}",kind="{kind}"}} {n}')
             lines += [("# HELP imc_cache_misses_total Requests for content that was not local (404 or pull-through), "
                       "by kind."),

@@ -8,7 +8,9 @@ nothing upstream; a miss is a spec 404, or, with pull-through, a pull into the s
 that is then served like any other stored image.
 
 The handler is transport-free: it returns a ``Reply`` whose body is bytes, a file
-extent (which the HTTP layer sends with ``sendfile``), or an iterator of chunks.
+extent (which the HTTP layer sends with ``sendfile``), or an iterator of chunks, and
+whose ``outcome`` says what answering did (hit or miss, bytes served, bytes fetched
+upstream) for the caller to count.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,15 +41,54 @@ INDEX_TTL = 2.0
 FORCED_REFRESH_GAP = 0.25
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What answering one manifest or blob request did, for the metrics.
+
+    ``hit``: answered from content already here, by ``cache`` (None: the store's own
+    images); False is a miss (answered 404, or fetched upstream first); None is
+    neither (a malformed request). ``served`` is the body bytes sent (None: no body,
+    as for a HEAD of a blob), labelled with ``served_cache``, the cache a tag resolved
+    through. ``upstream_bytes`` is what pull-through fetched to answer it.
+    """
+
+    kind: str
+    hit: bool | None = None
+    cache: str | None = None
+    served: int | None = None
+    served_cache: str | None = None
+    upstream_bytes: int = 0
+
+
 @dataclass
 class Reply:
-    """An HTTP answer: status, headers, and one kind of body."""
+    """An HTTP answer: status, headers, one kind of body, and what answering did."""
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     extent: tuple[Path, int, int] | None = None  # file, offset, length: sent with sendfile
     stream: Iterator[bytes] | None = None
+    outcome: Outcome | None = None
+
+
+@dataclass
+class _Work:
+    """What one request has done so far: filled in as it is answered, then its Outcome."""
+
+    cache: str | None = None
+    served: int | None = None
+    served_cache: str | None = None
+    upstream: bool = False
+    upstream_bytes: int = 0
+
+    def outcome(self, kind: str, status: int) -> Outcome:
+        hit = None
+        if status in (200, 206) and not self.upstream:
+            hit = True
+        elif status == 404 or self.upstream:
+            hit = False
+        return Outcome(kind, hit, self.cache if hit else None, self.served, self.served_cache, self.upstream_bytes)
 
 
 def error(status: int, code: str, message: str, detail: object = None) -> Reply:
@@ -201,18 +242,11 @@ def _media_types(store: Store, root: Digest) -> dict[Digest, str]:
 class RegistryEndpoint:
     """Answers distribution API requests from the ServeIndex; never writes."""
 
-    def __init__(self, caches: Caches, pull_through: Puller | None = None, upstream: str | None = None,
-                 on_hit: Callable[[str | None, str, int], None] | None = None,
-                 on_lookup: Callable[[str | None, str, bool], None] | None = None,
-                 on_upstream: Callable[[int], None] | None = None) -> None:
+    def __init__(self, caches: Caches, pull_through: Puller | None = None, upstream: str | None = None) -> None:
         self.index = ServeIndex(caches)
         self.caches = caches
         self.pull_through = pull_through
         self.upstream = upstream
-        self.on_hit = on_hit or (lambda cache, kind, size: None)
-        self.on_lookup = on_lookup or (lambda cache, kind, hit: None)
-        self.on_upstream = on_upstream or (lambda size: None)
-        self._request = threading.local()  # per request: the cache that answered, whether upstream was asked
         self._used: dict[str, float] = {}
         self._pull_lock = threading.Lock()
 
@@ -232,24 +266,18 @@ class RegistryEndpoint:
             return error(400, "NAME_INVALID", "invalid ns (registry) parameter")
         if kind == "tags":
             return self._tags(name, ns) if ident == "list" else error(404, "NOT_FOUND", "unknown route")
+        work = _Work()
         if kind == "manifests":
-            return self._counted("manifest", lambda: self._manifest(method, name, ident, ns, headers))
-        return self._counted("blob", lambda: self._blob(method, name, ident, ns, headers))
-
-    def _counted(self, kind: str, answer: Callable[[], Reply]) -> Reply:
-        """Answer, then report a hit (served from what was local: a cache, or the store
-        as cache None) or a miss (not local: answered 404, or fetched upstream)."""
-        self._request.cache, self._request.upstream = None, False
-        reply = answer()
-        if reply.status in (200, 206) and not self._request.upstream:
-            self.on_lookup(self._request.cache, kind, True)
-        elif reply.status == 404 or self._request.upstream:
-            self.on_lookup(None, kind, False)
+            reply = self._manifest(method, name, ident, ns, headers, work)
+        else:
+            reply = self._blob(method, name, ident, ns, headers, work)
+        reply.outcome = work.outcome(kind[:-1], reply.status)
         return reply
 
     # -- manifests -------------------------------------------------------------------
 
-    def _manifest(self, method: str, name: str, ident: str, ns: str | None, headers: Mapping[str, str]) -> Reply:
+    def _manifest(self, method: str, name: str, ident: str, ns: str | None, headers: Mapping[str, str],
+                  work: _Work) -> Reply:
         if ident.startswith(("sha256:", "sha512:")):
             try:
                 digest = Digest.parse(ident)
@@ -259,12 +287,12 @@ class RegistryEndpoint:
         else:
             if not reference.TAG_RE.match(ident):
                 return error(400, "TAG_INVALID", "invalid tag")
-            tagged = self._find_tag(name, ident, ns)
+            tagged = self._find_tag(name, ident, ns, work)
             if tagged is None:
                 return error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "tag": ident})
             digest = tagged.digest
         blob = self._find_blob(digest)
-        if blob is None and tagged is None and self._pull(name, str(digest), ns):
+        if blob is None and tagged is None and self._pull(name, str(digest), ns, work):
             blob = self._find_blob(digest)
         if blob is None or blob.media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
             return error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "digest": str(digest)})
@@ -272,37 +300,38 @@ class RegistryEndpoint:
         if accept and blob.media_type not in accept and "*/*" not in accept and not _accepts_any(accept):
             return error(404, "MANIFEST_UNKNOWN", f"manifest is {blob.media_type}, not in Accept")
         cache_name = tagged.cache.name if tagged and tagged.cache else None
-        self._request.cache = cache_name or blob.cache
+        work.cache = cache_name or blob.cache
         self._mark_used(cache_name)
         data = self._read(digest, blob)
-        self.on_hit(cache_name, "manifest", len(data))
+        work.served, work.served_cache = len(data), cache_name
         head = {"Content-Type": blob.media_type, "Docker-Content-Digest": str(digest),
                 "Content-Length": str(len(data))}
         return Reply(200, head, b"" if method == "HEAD" else data)
 
-    def _find_tag(self, name: str, tag: str, ns: str | None) -> Tagged | None:
+    def _find_tag(self, name: str, tag: str, ns: str | None, work: _Work) -> Tagged | None:
         self.index.refresh()
         found = self.index.lookup_tag(ns, name, tag)
         if found is None:
             self.index.refresh(miss=True)
             found = self.index.lookup_tag(ns, name, tag)
-        if found is None and self._pull(name, tag, ns):
+        if found is None and self._pull(name, tag, ns, work):
             found = self.index.lookup_tag(ns, name, tag)
         return found
 
     # -- blobs -----------------------------------------------------------------------
 
-    def _blob(self, method: str, name: str, ident: str, ns: str | None, headers: Mapping[str, str]) -> Reply:
+    def _blob(self, method: str, name: str, ident: str, ns: str | None, headers: Mapping[str, str],
+              work: _Work) -> Reply:
         try:
             digest = Digest.parse(ident)
         except BadReferenceError:
             return error(400, "DIGEST_INVALID", "invalid digest")
         blob = self._find_blob(digest)
         if blob is None and self.pull_through is not None:
-            blob = self._pull_blob(name, digest, ns)
+            blob = self._pull_blob(name, digest, ns, work)
         if blob is None:
             return error(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": str(digest)})
-        self._request.cache = blob.cache
+        work.cache = blob.cache
         start, end = 0, blob.size
         status = 200
         head = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": str(digest),
@@ -317,7 +346,7 @@ class RegistryEndpoint:
         head["Content-Length"] = str(end - start)
         if method == "HEAD":
             return Reply(status, head)
-        self.on_hit(None, "blob", end - start)
+        work.served = end - start
         extent = blob.extent(digest, start, end)
         if extent is not None:
             return Reply(status, head, extent=extent)
@@ -348,33 +377,33 @@ class RegistryEndpoint:
         except BadReferenceError:
             return None
 
-    def _pull(self, name: str, ident: str, ns: str | None) -> bool:
+    def _pull(self, name: str, ident: str, ns: str | None, work: _Work) -> bool:
         """Pull a missed image into the store (pull-through); True if it is now there."""
         ref = self._upstream(name, ident, ns or self.upstream)
         if self.pull_through is None or ref is None:
             return False
-        self._request.upstream = True
+        work.upstream = True
         with self._pull_lock:
             try:
-                self.on_upstream(self.pull_through.pull([ref]).bytes_fetched)
+                work.upstream_bytes += self.pull_through.pull([ref]).bytes_fetched
             except ImcError:
                 return False
         self.index.refresh(force=True)
         return True
 
-    def _pull_blob(self, name: str, digest: Digest, ns: str | None) -> Blob | None:
+    def _pull_blob(self, name: str, digest: Digest, ns: str | None, work: _Work) -> Blob | None:
         """A blob miss with pull-through: fetch that blob alone into the store."""
         registry = ns or self.upstream
         if registry is None or self.pull_through is None:
             return None
         client = self.pull_through.registry(reference.parse(f"{registry}/{name}").api_host)
-        self._request.upstream = True
+        work.upstream = True
         try:
             with self.caches.store.pinning():
                 size = client.blob_size(name, digest)
                 if self.caches.store.ensure_blob(digest, size,
                                                  lambda sink: client.fetch_blob(name, digest, size, sink)):
-                    self.on_upstream(size)
+                    work.upstream_bytes += size
         except ImcError:
             return None
         store = self.caches.store

@@ -18,7 +18,7 @@ LAYERS = [
     "errors", "faults", "digest", "home", "reference", "oci", "compression",
     "registry.hosts", "registry.auth", "registry.client",
     "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "caches", "artifact", "matcher",
-    "server.metrics", "server.registry", "server.discovery", "server.api", "server.app",
+    "server.registry", "server.metrics", "server.discovery", "server.api", "server.app",
     "cli",
 ]
 
