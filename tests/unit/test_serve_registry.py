@@ -1,0 +1,251 @@
+"""The registry endpoint of ``imc serve``, called directly (no HTTP server).
+
+``RegistryEndpoint.handle`` takes a method, a path, the query and the headers and
+returns a ``Reply``; these tests read its status, headers, body (bytes, a file extent
+or chunks) and the ``Outcome`` the metrics count. The cache ``web`` is built once from a
+scripted registry (the content has to come from somewhere); the image ``tools/jq:1``
+is put into the store by hand; the endpoint itself never touches the network here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.faultserver import FaultServer
+
+from builder.caches import Caches
+from builder.digest import Digest
+from builder.imagecache import CacheSpec
+from builder.oci import OCI_MANIFEST, Descriptor
+from builder.server.registry import Outcome, RegistryEndpoint, Reply
+
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def tar_gz(name: str, data: bytes) -> bytes:
+    """A one-file layer as registries hold them (the cache checks layers unpack)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(out.getvalue(), mtime=0)
+
+
+LAYERS = [tar_gz("a", bytes(range(256)) * 40), tar_gz("b", b"second layer " * 100)]
+
+
+@pytest.fixture
+def upstream() -> Any:
+    with FaultServer(repository="test/app") as srv:
+        yield srv
+
+
+@pytest.fixture
+def image(upstream: FaultServer) -> Any:
+    return upstream.add_image(LAYERS, tag="v1")
+
+
+@pytest.fixture
+def caches(tmp_path: Path, upstream: FaultServer, image: Any) -> Caches:
+    caches = Caches(tmp_path / "home")
+    _created, lease = caches.create("web", CacheSpec(images=[f"{upstream.reference}:v1"],
+                                                     plain_http=[upstream.endpoint]))
+    assert caches.build("web", lease).phase == "Ready"
+    return caches
+
+
+@pytest.fixture
+def local(caches: Caches) -> dict[str, Any]:
+    """A small image put into the store by hand, named ``localhost:5000/tools/jq:1``."""
+    store = caches.store
+    layer, config = b"jq layer", json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": OCI_CONFIG, "digest": str(Digest.of(config)), "size": len(config)},
+                           "layers": [{"mediaType": OCI_LAYER, "digest": str(Digest.of(layer)),
+                                       "size": len(layer)}]}).encode()
+    for data in (layer, config, manifest):
+        store.put_bytes(Digest.of(data), data)
+    store.add_image("localhost:5000/tools/jq:1", Descriptor(OCI_MANIFEST, Digest.of(manifest), len(manifest)))
+    return {"manifest": manifest, "layer": layer}
+
+
+@pytest.fixture
+def endpoint(caches: Caches) -> RegistryEndpoint:
+    return RegistryEndpoint(caches)
+
+
+def get(endpoint: RegistryEndpoint, path: str, method: str = "GET", query: dict[str, str] | None = None,
+        **headers: str) -> Reply:
+    return endpoint.handle(method, path, query or {}, {k.replace("_", "-"): v for k, v in headers.items()})
+
+
+def body(reply: Reply) -> bytes:
+    """The bytes the HTTP layer would send, whichever kind of body the reply has."""
+    if reply.extent is not None:
+        path, offset, length = reply.extent
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    if reply.stream is not None:
+        return b"".join(reply.stream)
+    return reply.body
+
+
+def code(reply: Reply) -> str:
+    return json.loads(reply.body)["errors"][0]["code"]
+
+
+# -- manifests -----------------------------------------------------------------------------
+
+
+def test_manifest_by_tag_is_a_hit_on_the_cache(endpoint: RegistryEndpoint, image: Any) -> None:
+    reply = get(endpoint, "/v2/test/app/manifests/v1")
+    assert reply.status == 200
+    assert body(reply) == image.manifest.data
+    assert reply.headers["Docker-Content-Digest"] == image.manifest.digest
+    assert reply.headers["Content-Type"] == OCI_MANIFEST
+    assert reply.headers["Content-Length"] == str(image.manifest.size)
+    assert reply.outcome == Outcome("manifest", hit=True, cache="web", served=image.manifest.size,
+                                    served_cache="web")
+
+
+def test_manifest_by_digest_and_head(endpoint: RegistryEndpoint, image: Any) -> None:
+    reply = get(endpoint, f"/v2/test/app/manifests/{image.manifest.digest}")
+    assert reply.status == 200 and body(reply) == image.manifest.data
+    assert reply.outcome is not None and reply.outcome.hit and reply.outcome.cache == "web"
+    head = get(endpoint, f"/v2/test/app/manifests/{image.manifest.digest}", "HEAD")
+    assert head.status == 200 and body(head) == b""
+    assert head.headers["Content-Length"] == str(image.manifest.size)
+    assert head.headers["Docker-Content-Digest"] == image.manifest.digest
+
+
+def test_manifest_outside_accept_is_unknown(endpoint: RegistryEndpoint) -> None:
+    reply = get(endpoint, "/v2/test/app/manifests/v1", Accept="application/vnd.oci.image.index.v1+json")
+    assert reply.status == 404 and code(reply) == "MANIFEST_UNKNOWN"
+
+
+def test_ns_selects_the_registry_of_a_tag(endpoint: RegistryEndpoint, upstream: FaultServer) -> None:
+    assert get(endpoint, "/v2/test/app/manifests/v1", query={"ns": upstream.endpoint}).status == 200
+    other = get(endpoint, "/v2/test/app/manifests/v1", query={"ns": "registry.example.com"})
+    assert other.status == 404 and code(other) == "MANIFEST_UNKNOWN"
+
+
+def test_image_in_the_store_is_served_as_no_cache(endpoint: RegistryEndpoint, local: dict[str, Any]) -> None:
+    reply = get(endpoint, "/v2/tools/jq/manifests/1")
+    assert reply.status == 200 and body(reply) == local["manifest"]
+    assert reply.outcome == Outcome("manifest", hit=True, cache=None, served=len(local["manifest"]))
+    blob = get(endpoint, f"/v2/tools/jq/blobs/{Digest.of(local['layer'])}")
+    assert blob.status == 200 and body(blob) == local["layer"]
+    assert blob.outcome == Outcome("blob", hit=True, cache=None, served=len(local["layer"]))
+
+
+# -- blobs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_blob_whole_and_head(endpoint: RegistryEndpoint, image: Any, which: int) -> None:
+    layer = image.layers[which]
+    reply = get(endpoint, f"/v2/test/app/blobs/{layer.digest}")
+    assert reply.status == 200 and body(reply) == layer.data
+    assert reply.headers["Docker-Content-Digest"] == layer.digest
+    assert reply.headers["Content-Length"] == str(layer.size)
+    assert reply.headers["Accept-Ranges"] == "bytes"
+    assert reply.outcome == Outcome("blob", hit=True, cache="web", served=layer.size)
+    head = get(endpoint, f"/v2/test/app/blobs/{layer.digest}", "HEAD")
+    assert head.status == 200 and body(head) == b"" and head.headers["Content-Length"] == str(layer.size)
+    assert head.outcome == Outcome("blob", hit=True, cache="web")
+
+
+@pytest.mark.parametrize("header,start,end", [
+    ("bytes=0-0", 0, 1), ("bytes=10-99", 10, 100), ("bytes=100-", 100, None), ("bytes=-7", -7, None),
+    ("bytes=5-999999999999999999999999", 5, None),
+])
+def test_blob_ranges(endpoint: RegistryEndpoint, image: Any, header: str, start: int, end: int | None) -> None:
+    layer = image.layers[0]
+    reply = get(endpoint, f"/v2/test/app/blobs/{layer.digest}", Range=header)
+    want = layer.data[start:end]
+    assert reply.status == 206 and body(reply) == want
+    first = start % layer.size
+    assert reply.headers["Content-Range"] == f"bytes {first}-{first + len(want) - 1}/{layer.size}"
+    assert reply.headers["Content-Length"] == str(len(want))
+    assert reply.outcome is not None and reply.outcome.served == len(want)
+
+
+@pytest.mark.parametrize("header", ["bytes=999999-", "bytes=5-2", "bytes=-", "items=0-1", "bytes=0-1,4-5"])
+def test_unsatisfiable_or_malformed_range_is_416(endpoint: RegistryEndpoint, image: Any, header: str) -> None:
+    layer = image.layers[0]
+    reply = get(endpoint, f"/v2/test/app/blobs/{layer.digest}", Range=header)
+    assert reply.status == 416 and reply.headers["Content-Range"] == f"bytes */{layer.size}"
+    assert reply.outcome is not None and reply.outcome.hit is None and reply.outcome.served is None
+
+
+# -- invalid requests and misses -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,path,query,status,error", [
+    ("GET", "/v2/../../etc/passwd/blobs/sha256:" + "0" * 64, {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/Test/App/manifests/v1", {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/test//app/manifests/v1", {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/test/app/blobs/sha256:..%2F..%2Fetc", {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/test/app/blobs/md5:abc", {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/test/app/blobs/sha256:" + "0" * 63, {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/test/app/manifests/sha256:XYZ", {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/test/app/manifests/-bad-", {}, 400, "TAG_INVALID"),
+    ("GET", "/v2/test/app/manifests/v1", {"ns": "not a host"}, 400, "NAME_INVALID"),
+    ("GET", "/v2/test/app/manifests/v1", {"ns": "../etc"}, 400, "NAME_INVALID"),
+    ("GET", "/v2/test/app/tags/other", {}, 404, "NOT_FOUND"),
+    ("GET", "/v2/test/app", {}, 404, "NOT_FOUND"),
+    ("GET", "/nothing", {}, 404, "NOT_FOUND"),
+    ("PUT", "/v2/test/app/manifests/v1", {}, 405, "UNSUPPORTED"),
+    ("POST", "/v2/test/app/blobs/uploads/", {}, 405, "UNSUPPORTED"),
+    ("DELETE", "/v2/test/app/manifests/v1", {}, 405, "UNSUPPORTED"),
+])
+def test_invalid_requests(endpoint: RegistryEndpoint, method: str, path: str, query: dict[str, str], status: int,
+                          error: str) -> None:
+    reply = get(endpoint, path, method, query)
+    assert (reply.status, code(reply)) == (status, error)
+    assert reply.outcome is None or reply.outcome.hit is None  # neither a hit nor a miss
+
+
+@pytest.mark.parametrize("path,error", [
+    ("/v2/test/app/manifests/v2", "MANIFEST_UNKNOWN"),
+    ("/v2/other/app/manifests/v1", "MANIFEST_UNKNOWN"),
+    ("/v2/test/app/manifests/sha256:" + "1" * 64, "MANIFEST_UNKNOWN"),
+    ("/v2/test/app/blobs/sha256:" + "1" * 64, "BLOB_UNKNOWN"),
+])
+def test_misses_are_spec_404s(endpoint: RegistryEndpoint, path: str, error: str) -> None:
+    reply = get(endpoint, path)
+    assert (reply.status, code(reply)) == (404, error)
+    assert reply.outcome is not None and reply.outcome.hit is False and reply.outcome.upstream_bytes == 0
+
+
+def test_a_blob_is_not_a_manifest(endpoint: RegistryEndpoint, image: Any) -> None:
+    reply = get(endpoint, f"/v2/test/app/manifests/{image.layers[0].digest}")
+    assert reply.status == 404 and code(reply) == "MANIFEST_UNKNOWN"
+
+
+# -- tags and the ping -----------------------------------------------------------------------
+
+
+def test_ping(endpoint: RegistryEndpoint) -> None:
+    for path in ("/v2", "/v2/"):
+        reply = get(endpoint, path)
+        assert reply.status == 200 and json.loads(reply.body) == {}
+
+
+def test_tags_list(endpoint: RegistryEndpoint, upstream: FaultServer, local: dict[str, Any]) -> None:
+    assert json.loads(get(endpoint, "/v2/test/app/tags/list").body) == {"name": "test/app", "tags": ["v1"]}
+    assert json.loads(get(endpoint, "/v2/tools/jq/tags/list").body) == {"name": "tools/jq", "tags": ["1"]}
+    scoped = get(endpoint, "/v2/test/app/tags/list", query={"ns": upstream.endpoint})
+    assert json.loads(scoped.body)["tags"] == ["v1"]
+    for path, query in (("/v2/unknown/repo/tags/list", {}), ("/v2/test/app/tags/list", {"ns": "localhost:5000"})):
+        reply = get(endpoint, path, query=query)
+        assert (reply.status, code(reply)) == (404, "NAME_UNKNOWN")
