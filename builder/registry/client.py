@@ -349,6 +349,7 @@ class Registry:
             if resp.status_code in _REDIRECTS and "Location" in resp.headers:
                 resp.close()
                 url = urljoin(url, resp.headers["Location"])
+                self.policy.check_redirect(self.endpoint, url)
                 continue
             if resp.status_code == 401 and answered:
                 resp.close()
