@@ -573,7 +573,8 @@ class Caches:
                     report.deleted.append(cache.name)
                 except NotFoundLocalError:
                     pass
-        store_report = self.store.gc(pinned=self._pinned)
+        # Blobs pull-through fetched on their own are kept like automatic caches: until unused that long.
+        store_report = self.store.gc(pinned=self._pinned, pulled_since=(now - unused).timestamp())
         report.blobs_removed = store_report.blobs_removed
         report.bytes_freed = store_report.bytes_freed
         report.partials_removed = store_report.partials_removed

@@ -17,6 +17,7 @@ one place and changed in one place::
       quarantine/<alg>-<hex>          blobs that failed verification, kept for inspection
       meta/
         unpacked/<alg>-<hex>          a layer's uncompressed size, counted once
+        pulled/<alg>-<hex>            a blob pull-through fetched on its own; mtime: last served
       volumes/<id>-<generation>.imcv  a cache's volume; ``.partial`` beside it while written
       secrets/<namespace>/<name>.json pull secrets, mode 0600 (registry.auth.SecretStore)
       caches.db                       the image cache records (SQLite)
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.digest import Digest
+from builder.errors import BadReferenceError
 
 VOLUME_SUFFIX = ".imcv"
 PARTIAL_SUFFIX = ".partial"
@@ -119,6 +121,29 @@ class Home:
     def unpacked_record(self, digest: Digest) -> Path:
         """Where a layer's counted uncompressed size is kept."""
         return self.meta / "unpacked" / _named(digest)
+
+    @property
+    def pulled(self) -> Path:
+        return self.meta / "pulled"
+
+    def pulled_record(self, digest: Digest) -> Path:
+        """The record of a blob pull-through fetched on its own (empty; its mtime is its last use)."""
+        return self.pulled / _named(digest)
+
+    def pulled_records(self) -> dict[Path, Digest | None]:
+        """Every such record, with its blob's digest (None for a name that is not one)."""
+        try:
+            paths = list(self.pulled.iterdir())
+        except FileNotFoundError:
+            return {}
+        out: dict[Path, Digest | None] = {}
+        for path in paths:
+            algorithm, _, hex_ = path.name.partition("-")
+            try:
+                out[path] = Digest.parse(f"{algorithm}:{hex_}")
+            except BadReferenceError:
+                out[path] = None
+        return out
 
     # -- locks -----------------------------------------------------------------------
 

@@ -385,6 +385,34 @@ class Store:
             entries.append(entry)
             self._write_index(entries)
 
+    # -- blobs pull-through fetched on their own ----------------------------------------
+
+    def record_pulled(self, digest: Digest) -> None:
+        """Note that ``imc serve --pull-through`` fetched (or just served) this blob on
+        its own, with no image naming it: the record's mtime is its last use, which
+        decides how long gc keeps it (``gc(pulled_since=…)``)."""
+        record = self.home.pulled_record(digest)
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            os.close(open_unlinked(record, os.O_WRONLY))
+            os.utime(record, follow_symlinks=False)
+        except OSError as e:
+            raise StoreError(f"cannot record pulled blob {digest.short}: {e.strerror}") from None
+
+    def pulled(self, since: float | None = None) -> set[Digest]:
+        """Blobs pull-through fetched on their own (used at or after ``since``, a Unix
+        time, if given) that the store still holds."""
+        out: set[Digest] = set()
+        for record, digest in self.home.pulled_records().items():
+            try:
+                st = record.lstat()
+            except OSError:
+                continue
+            if (digest is not None and stat.S_ISREG(st.st_mode) and (since is None or st.st_mtime >= since)
+                    and self.has(digest)):
+                out.add(digest)
+        return out
+
     def manifest(self, digest: Digest) -> Manifest | Index:
         """A stored manifest or index, parsed."""
         return parse_manifest(self.read_blob(digest))
@@ -522,9 +550,11 @@ class Store:
         except OSError:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
-    def gc(self, pinned: Callable[[], set[Digest]] | None = None) -> GcReport:
+    def gc(self, pinned: Callable[[], set[Digest]] | None = None, pulled_since: float | None = None) -> GcReport:
         """Remove blobs no image needs, nor any manifest that ``pinned()`` names (with
-        everything they reference), and abandoned partials.
+        everything they reference), and abandoned partials. A blob pull-through fetched
+        on its own is kept while it was used at or after ``pulled_since`` (a Unix time;
+        None keeps every one), and its record goes with it.
 
         Runs under the exclusive gc lock, so no pull is between fetching a blob and
         recording what needs it; ``pinned`` is asked only once the lock is held, so it
@@ -536,6 +566,7 @@ class Store:
             live = self.referenced()
             for digest in (pinned() if pinned else set()):
                 live |= self.closure(digest)
+            live |= self.pulled(pulled_since)
             for digest, path in self.all_blobs():
                 if digest in live:
                     continue
@@ -560,6 +591,9 @@ class Store:
                         report.partials_removed += 1
             for lock in self.home.blob_locks():
                 lock.unlink(missing_ok=True)
+            for record, pulled in self.home.pulled_records().items():
+                if pulled not in live:
+                    record.unlink(missing_ok=True)
         return report
 
 
