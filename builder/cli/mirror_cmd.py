@@ -5,7 +5,9 @@ containerd a ``hosts.toml`` per registry, Docker ``registry-mirrors`` in
 ``daemon.json`` (Docker Hub only), Podman a ``[[registry.mirror]]`` in
 ``registries.conf``. The snippets are generated, not hand-written, so that the
 registry's upstream URL, the mirror's scheme and the TLS switches agree with how
-``imc serve`` listens (plain HTTP, unless it sits behind a TLS proxy).
+``imc serve`` listens (plain HTTP, unless it sits behind a TLS proxy). Each snippet
+names the ``imc serve --upstream`` flags that pull through from the same registries:
+the mirror asks with ``?ns=<registry>``, and imc serve pulls only from those listed.
 """
 
 from __future__ import annotations
@@ -98,20 +100,41 @@ def podman_registries_conf(registry: str, server: str, insecure: bool = False) -
 GENERATORS = {"containerd": containerd_hosts_toml, "docker": docker_daemon_json, "podman": podman_registries_conf}
 
 
+def upstream_flags(registries: list[str]) -> str:
+    """The ``imc serve`` flags that let pull-through fetch what these registries' mirrors miss."""
+    return " ".join(f"--upstream {_registry(r)}" for r in registries)
+
+
+def mirror_configs(runtime: str, registries: list[str], server: str, insecure: bool = False) -> str:
+    """The snippets for every registry, in one text (Docker's in one daemon.json)."""
+    if runtime == "docker":
+        if len({_registry(r) for r in registries}) != 1:
+            raise ValidationError("Docker's registry-mirrors apply only to Docker Hub: use --containerd or --podman "
+                                  "to mirror several registries")
+        return docker_daemon_json(registries[0], server, insecure)
+    if runtime == "podman":
+        parts = [podman_registries_conf(r, server, insecure) for r in registries]
+        text = parts[0] + "".join("\n" + p.split("\n", 1)[1] for p in parts[1:])  # one file: one header
+    else:
+        text = "\n".join(containerd_hosts_toml(r, server, insecure) for r in registries)
+    return text + f"\n# pull-through from the same registries: imc serve --pull-through {upstream_flags(registries)}\n"
+
+
 @click.command("mirror-config")
 @click.option("--containerd", "runtime", flag_value="containerd", help="Print a containerd hosts.toml.")
 @click.option("--docker", "runtime", flag_value="docker", help="Print daemon.json keys (Docker Hub only).")
 @click.option("--podman", "runtime", flag_value="podman", help="Print a registries.conf snippet.")
-@click.option("--registry", default=DOCKER_HUB, show_default=True, metavar="HOST",
-              help="The registry whose pulls imc serve answers first.")
+@click.option("--registry", "registries", multiple=True, metavar="HOST",
+              help="A registry whose pulls imc serve answers first (repeatable; default docker.io). With "
+                   "pull-through, list the same registries as imc serve --upstream.")
 @click.option("--server", default=DEFAULT_SERVER, show_default=True, metavar="ADDR",
               help="Where imc serve listens: host:port (plain HTTP) or https://host:port.")
 @click.option("--insecure", is_flag=True, help="With an https:// --server: do not verify its certificate.")
-def mirror_config(runtime: str | None, registry: str, server: str, insecure: bool) -> None:
+def mirror_config(runtime: str | None, registries: tuple[str, ...], server: str, insecure: bool) -> None:
     """Print the runtime configuration that sends pulls to imc serve first.
 
     What imc serve does not hold, the runtime fetches from the registry as before.
     """
     if runtime is None:
         raise click.UsageError("choose one of --containerd, --docker or --podman")
-    click.echo(GENERATORS[runtime](registry, server, insecure), nl=False)
+    click.echo(mirror_configs(runtime, list(registries) or [DOCKER_HUB], server, insecure), nl=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -177,3 +178,18 @@ def test_transfer_progress_renders_each_kind_of_event() -> None:
         "verifying the volume (9.0 kB)",
     ]
     assert progress.bytes == 5000
+
+
+def test_mirror_config_for_several_registries_names_the_same_upstreams(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "mirror-config", "--containerd", "--registry", "quay.io", "--registry", "docker.io")
+    assert code == 0
+    files = re.split(r"\n(?=# /etc/containerd/certs.d/)", out)
+    assert [tomllib.loads(f)["server"] for f in files] == ["https://quay.io", "https://registry-1.docker.io"]
+    assert out.endswith("imc serve --pull-through --upstream quay.io --upstream docker.io\n")
+    code, out = run(tmp_path, "mirror-config", "--podman", "--registry", "ghcr.io", "--registry", "quay.io")
+    assert code == 0
+    assert [r["location"] for r in tomllib.loads(out)["registry"]] == ["ghcr.io", "quay.io"]
+    assert out.endswith("imc serve --pull-through --upstream ghcr.io --upstream quay.io\n")
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path), "mirror-config", "--docker", "--registry", "docker.io",
+                                      "--registry", "quay.io"])
+    assert result.exception is not None and "only to Docker Hub" in str(result.exception)
