@@ -9,10 +9,10 @@ import yaml
 
 from builder.cli.common import Context, make_keychain, pass_ctx, registry_options
 from builder.errors import ValidationError
-from builder.pull import Puller
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
 from builder.server.app import Server, parse_listen
 from builder.server.discovery import kubeconfig as kubeconfig_document
+from builder.server.registry import pull_through_puller
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -25,25 +25,39 @@ def _interrupt(signum: int, frame: object) -> None:
               help="Address to serve on (port 0 picks a free one).")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --listen address.")
 @click.option("--pull-through", is_flag=True,
-              help="On a miss, pull the image from its registry into the store, then serve it.")
-@click.option("--upstream", metavar="HOST[:PORT]",
-              help="Registry to pull through from when the request does not name one (?ns=).")
+              help="On a miss, pull the image from a listed --upstream into the store, then serve it.")
+@click.option("--upstream", "upstreams", multiple=True, metavar="HOST[:PORT]",
+              help="A registry pull-through may connect to (repeatable, or comma-separated). A request's "
+                   "?ns= must name one exactly; without ?ns= the first is used.")
 @click.option("--sweep-interval", type=float, default=3600.0, show_default=True,
               help="Seconds between sweeps of expired caches (0: never).")
 @registry_options
 @pass_ctx
-def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, upstream: str | None,
+def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, upstreams: tuple[str, ...],
           sweep_interval: float, plain_http: tuple[str, ...], insecure: tuple[str, ...], ca_file: str | None,
           pull_secrets: tuple[str, ...]) -> None:
-    """Serve pulls from the caches (read-only OCI registry) and the ImageCache API."""
+    """Serve pulls from the caches (read-only OCI registry) and the ImageCache API.
+
+    \b
+    Who can make imc connect where (anyone who reaches the server: loopback only,
+    unless --allow-remote):
+    - the registry endpoint opens no connection, unless --pull-through is given;
+      then a miss is fetched from the --upstream registries and only those: a ?ns=
+      naming any other registry is answered 404 at once, and a redirect from a public
+      upstream to a loopback, link-local or private address is refused;
+    - the ImageCache API builds the caches it is sent, pulling their images from
+      the registries they name (as imc cache create does).
+    """
     address = parse_listen(listen, allow_remote)
+    listed = [e for item in upstreams for part in item.split(",") for e in sorted(parse_endpoint_list(part))]
     puller = None
     if pull_through:
+        if not listed:
+            raise ValidationError("--pull-through needs --upstream HOST[:PORT]: the registries it may pull from "
+                                  "(a client of imc serve must not choose where it connects)")
         policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
-        puller = Puller(ctx.store, policy, make_keychain(ctx, pull_secrets))
-    if upstream is not None:
-        (upstream,) = parse_endpoint_list(upstream)
-    server = Server(ctx.caches, address, puller, upstream, sweep_interval)
+        puller = pull_through_puller(ctx.store, policy, make_keychain(ctx, pull_secrets))
+    server = Server(ctx.caches, address, puller, listed, sweep_interval)
     signal.signal(signal.SIGTERM, _interrupt)
     click.echo(f"serving on http://{server.address}  (registry: /v2/, API: /apis/eci.alibabacloud.com/v1/imagecaches)",
                err=True)

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
@@ -216,10 +217,10 @@ class Server:
     """The registry endpoint, the API and the sweep, behind one listening socket."""
 
     def __init__(self, caches: Caches, listen: tuple[str, int], pull_through: Puller | None = None,
-                 upstream: str | None = None, sweep_interval: float = 3600.0, build_workers: int = 2) -> None:
+                 upstreams: Sequence[str] = (), sweep_interval: float = 3600.0, build_workers: int = 2) -> None:
         self.caches = caches
         self.metrics = Metrics()
-        self.registry = RegistryEndpoint(caches, pull_through, upstream)
+        self.registry = RegistryEndpoint(caches, pull_through, upstreams)
         self.builds = BuildRunner(caches, workers=build_workers)
         self.api = ImageCacheAPI(caches, self.builds)
         self.sweep_interval = sweep_interval

@@ -3,9 +3,15 @@
 Every name and digest in a URL is validated against the distribution spec's grammar
 before anything is looked up, so nothing from a request ever becomes a path. What
 can be served comes from the ``ServeIndex``: the Ready caches' volumes (or their
-flash staging copy in the store) and the images pulled into the store. A hit sends
-nothing upstream; a miss is a spec 404, or, with pull-through, a pull into the store
-that is then served like any other stored image.
+flash staging copy in the store), the images pulled into the store, and the blobs
+pull-through fetched on their own. A hit sends nothing upstream; a miss is a spec
+404, or, with pull-through, a pull into the store that is then served like any other
+stored image.
+
+Pull-through connects only to the upstreams the operator listed: ``?ns=`` (what a
+containerd mirror sends) must name one of them exactly, host and port, or the request
+is answered at once without a connection. Concurrent misses for the same image or
+blob share one upstream fetch.
 
 The handler is transport-free: it returns a ``Reply`` whose body is bytes, a file
 extent (which the HTTP layer sends with ``sendfile``), or an iterator of chunks, and
@@ -15,22 +21,28 @@ upstream) for the caller to count.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from builder import reference
 from builder.caches import Caches
 from builder.digest import Digest
-from builder.errors import BadReferenceError, ImcError, NotFoundLocalError
+from builder.errors import BadReferenceError, ImcError, NotFoundLocalError, ValidationError
 from builder.imagecache import READY, UPDATE_FAILED, UPDATING, ImageCache
 from builder.matcher import Entry, MatchRequest, rank
 from builder.oci import INDEX_TYPES, MANIFEST_TYPES, Index
 from builder.pull import Puller
+from builder.registry.auth import Keychain
+from builder.registry.client import RetryPolicy
+from builder.registry.hosts import HostPolicy
 from builder.store import Store
 from builder.volume import Volume
 
@@ -39,6 +51,12 @@ _RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 _PATH_RE = re.compile(r"^/v2/(.+)/(manifests|blobs|tags)/([^/]+)$")
 INDEX_TTL = 2.0
 FORCED_REFRESH_GAP = 0.25
+PULL_THROUGH_RETRY = RetryPolicy(attempts=3, timeout=(3.0, 60.0))
+"""Pull-through answers a waiting client: a few seconds to connect, and few attempts."""
+PULLED_TOUCH_EVERY = 3600.0
+"""Seconds between records of a pulled-through blob's use (each is a file write)."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,7 @@ class _Work:
     served_cache: str | None = None
     upstream: bool = False
     upstream_bytes: int = 0
+    refused: bool = False  # pull-through was asked of a registry that is not a listed upstream
 
     def outcome(self, kind: str, status: int) -> Outcome:
         hit = None
@@ -100,13 +119,14 @@ def error(status: int, code: str, message: str, detail: object = None) -> Reply:
 @dataclass(frozen=True)
 class Blob:
     """Where one servable blob's bytes are: a volume entry or a store file; ``cache``
-    is the cache serving it (None for the store's own images), for the metrics."""
+    is the cache serving it (None for the store's own images and pulled blobs)."""
 
     size: int
     media_type: str
     volume: Volume | None = None
     path: Path | None = None
     cache: str | None = None
+    pulled: bool = False  # fetched by pull-through on its own: kept by gc while it is used
 
     def extent(self, digest: Digest, start: int, end: int) -> tuple[Path, int, int] | None:
         """A file extent for sendfile, when the bytes lie in a file as they are."""
@@ -184,6 +204,9 @@ class ServeIndex:
                 top = stored.index_digest or stored.descriptor.digest
                 tags.append(Tagged(ref.registry, ref.repository, ref.tag or "", top, None))
                 self._add_store_closure(blobs, [stored.descriptor.digest, *([top] if stored.index_digest else [])])
+            for digest in self.store.pulled():
+                if digest not in blobs:
+                    blobs[digest] = Blob(self.store.size(digest), "", path=self.store.blob_path(digest), pulled=True)
             self.tags, self.blobs, self._volumes = tags, blobs, volumes
             self.caches_by_name = {c.name: c for c in serving}
             self._built = time.monotonic()
@@ -213,6 +236,11 @@ class ServeIndex:
         return found[0]
 
 
+def _gone(blob: Blob) -> bool:
+    """A store blob that gc removed since the index was built (a miss, not an error)."""
+    return blob.path is not None and not blob.path.exists()
+
+
 def _open_volume(path: Path) -> Volume | None:
     try:
         return Volume.open(path)
@@ -240,15 +268,20 @@ def _media_types(store: Store, root: Digest) -> dict[Digest, str]:
 
 
 class RegistryEndpoint:
-    """Answers distribution API requests from the ServeIndex; never writes."""
+    """Answers distribution API requests from the ServeIndex; writes only what
+    pull-through fetched from a listed upstream, into the store."""
 
-    def __init__(self, caches: Caches, pull_through: Puller | None = None, upstream: str | None = None) -> None:
+    def __init__(self, caches: Caches, pull_through: Puller | None = None, upstreams: Iterable[str] = ()) -> None:
         self.index = ServeIndex(caches)
         self.caches = caches
         self.pull_through = pull_through
-        self.upstream = upstream
+        self.upstreams = tuple(dict.fromkeys(u.lower() for u in upstreams))
+        if pull_through is not None and not self.upstreams:
+            raise ValidationError("--pull-through needs --upstream HOST[:PORT]: the registries it may pull from")
         self._used: dict[str, float] = {}
-        self._pull_lock = threading.Lock()
+        self._touched: dict[Digest, float] = {}
+        self._images: _Flights[int | None] = _Flights()
+        self._blobs: _Flights[Blob | None] = _Flights()
 
     def handle(self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> Reply:
         if method not in ("GET", "HEAD"):
@@ -271,6 +304,10 @@ class RegistryEndpoint:
             reply = self._manifest(method, name, ident, ns, headers, work)
         else:
             reply = self._blob(method, name, ident, ns, headers, work)
+        if reply.status == 404 and work.refused:
+            # One answer for every registry that is not listed: nothing about whether it exists.
+            reply = error(404, "NAME_UNKNOWN", "not held here, and its registry is not an upstream of this server",
+                          {"name": name})
         reply.outcome = work.outcome(kind[:-1], reply.status)
         return reply
 
@@ -332,6 +369,8 @@ class RegistryEndpoint:
         if blob is None:
             return error(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": str(digest)})
         work.cache = blob.cache
+        if blob.pulled:
+            self._touch_pulled(digest)
         start, end = 0, blob.size
         status = 200
         head = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": str(digest),
@@ -355,10 +394,10 @@ class RegistryEndpoint:
     def _find_blob(self, digest: Digest) -> Blob | None:
         self.index.refresh()
         blob = self.index.blobs.get(digest)
-        if blob is None:
+        if blob is None or _gone(blob):
             self.index.refresh(miss=True)
             blob = self.index.blobs.get(digest)
-        return blob
+        return None if blob is None or _gone(blob) else blob
 
     def _read(self, digest: Digest, blob: Blob) -> bytes:
         if blob.path is not None:
@@ -368,46 +407,93 @@ class RegistryEndpoint:
 
     # -- pull-through and bookkeeping ---------------------------------------------------
 
-    def _upstream(self, name: str, ident: str, ns: str | None) -> reference.Reference | None:
+    def _registry_for(self, ns: str | None, work: _Work) -> str | None:
+        """The upstream to pull a miss from: ``ns`` if it is a listed upstream, else
+        (no ``ns``) the first listed one; None when there is no pull-through, or when
+        ``ns`` names any other registry (marked refused: no connection is made)."""
+        if self.pull_through is None:
+            return None
         if ns is None:
-            return None
-        sep = "@" if ident.startswith(("sha256:", "sha512:")) else ":"
-        try:
-            return reference.parse(f"{ns}/{name}{sep}{ident}")
-        except BadReferenceError:
-            return None
+            return self.upstreams[0]
+        if ns.lower() in self.upstreams:
+            return ns.lower()
+        work.refused = True
+        return None
 
     def _pull(self, name: str, ident: str, ns: str | None, work: _Work) -> bool:
-        """Pull a missed image into the store (pull-through); True if it is now there."""
-        ref = self._upstream(name, ident, ns or self.upstream)
-        if self.pull_through is None or ref is None:
+        """Pull a missed image into the store (pull-through); True if it is now there.
+        Concurrent misses for the same image wait for one pull."""
+        registry = self._registry_for(ns, work)
+        if registry is None or self.pull_through is None:
             return False
+        sep = "@" if ident.startswith(("sha256:", "sha512:")) else ":"
+        try:
+            ref = reference.parse(f"{registry}/{name}{sep}{ident}")
+        except BadReferenceError:
+            return False
+        puller = self.pull_through
         work.upstream = True
-        with self._pull_lock:
+
+        def pull() -> int | None:
             try:
-                work.upstream_bytes += self.pull_through.pull([ref]).bytes_fetched
+                fetched = puller.pull([ref]).bytes_fetched
             except ImcError:
-                return False
-        self.index.refresh(force=True)
+                return None
+            self.index.refresh(force=True)
+            return fetched
+
+        fetched, led = self._images.run((registry, name, ident), pull)
+        if fetched is None:
+            return False
+        if led:
+            work.upstream_bytes += fetched
         return True
 
     def _pull_blob(self, name: str, digest: Digest, ns: str | None, work: _Work) -> Blob | None:
-        """A blob miss with pull-through: fetch that blob alone into the store."""
-        registry = ns or self.upstream
+        """A blob miss with pull-through: fetch that blob alone into the store, and
+        record it so that it is served from there from now on. Concurrent misses for
+        the same blob wait for one fetch."""
+        registry = self._registry_for(ns, work)
         if registry is None or self.pull_through is None:
             return None
         client = self.pull_through.registry(reference.parse(f"{registry}/{name}").api_host)
-        work.upstream = True
-        try:
-            with self.caches.store.pinning():
-                size = client.blob_size(name, digest)
-                if self.caches.store.ensure_blob(digest, size,
-                                                 lambda sink: client.fetch_blob(name, digest, size, sink)):
-                    work.upstream_bytes += size
-        except ImcError:
-            return None
         store = self.caches.store
-        return Blob(store.size(digest), "", path=store.blob_path(digest))
+        work.upstream = True
+        fetched = 0
+
+        def fetch() -> Blob | None:
+            nonlocal fetched
+            try:
+                with store.pinning():
+                    size = client.blob_size(name, digest)
+                    if store.ensure_blob(digest, size, lambda sink: client.fetch_blob(name, digest, size, sink)):
+                        fetched = size
+                    store.record_pulled(digest)
+            except ImcError:
+                return None
+            self.index.refresh(force=True)
+            return self.index.blobs.get(digest) or Blob(store.size(digest), "", path=store.blob_path(digest),
+                                                         pulled=True)
+
+        blob, led = self._blobs.run(digest, fetch)
+        if led:
+            work.upstream_bytes += fetched
+        return blob
+
+    def upstream_waiters(self) -> int:
+        """Requests waiting right now for a pull-through another request started."""
+        return self._images.waiting + self._blobs.waiting
+
+    def _touch_pulled(self, digest: Digest) -> None:
+        """Record a use of a pulled-through blob, at most once an hour (it is a write)."""
+        now = time.monotonic()
+        if now - self._touched.get(digest, -1e9) < PULLED_TOUCH_EVERY:
+            return
+        self._touched[digest] = now
+        try:
+            self.caches.store.record_pulled(digest)
+        except ImcError:
+            pass
 
     def _mark_used(self, cache: str | None) -> None:
         """Record a hit on a cache, at most once a minute per cache (it is a write)."""
@@ -429,6 +515,50 @@ class RegistryEndpoint:
         if not tags:
             return error(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name})
         return Reply(200, {"Content-Type": "application/json"}, json.dumps({"name": name, "tags": tags}).encode())
+
+
+class _Flights(Generic[T]):
+    """At most one piece of upstream work per key at a time: a request that finds the
+    same work running waits for it and shares its result (or its exception)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[Hashable, Future[T]] = {}
+        self.waiting = 0  # requests waiting for another's work, right now
+
+    def run(self, key: Hashable, work: Callable[[], T]) -> tuple[T, bool]:
+        """The work's result, and whether this call did it (False: it waited for another)."""
+        with self._lock:
+            flight = self._running.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._running[key] = Future()
+            else:
+                self.waiting += 1
+        if not leader:
+            try:
+                return flight.result(), False
+            finally:
+                with self._lock:
+                    self.waiting -= 1
+        try:
+            result = work()
+        except BaseException as e:
+            flight.set_exception(e)
+            raise
+        else:
+            flight.set_result(result)
+            return result, True
+        finally:
+            with self._lock:
+                del self._running[key]
+
+
+def pull_through_puller(store: Store, policy: HostPolicy, keychain: Keychain) -> Puller:
+    """The puller ``imc serve --pull-through`` uses: it answers a waiting client, so a
+    short connect timeout and few attempts, and since any client may trigger it, no
+    redirect from a public upstream into the local network."""
+    return Puller(store, dataclasses.replace(policy, internal_redirects=False), keychain, retry=PULL_THROUGH_RETRY)
 
 
 def _valid_registry(text: str) -> bool:

@@ -3,6 +3,7 @@ request to the upstream registry on a hit; pull-through on a miss; hostile URLs.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import http.client
 import json
@@ -18,10 +19,13 @@ from support.cutproxy import CutProxy
 
 from builder import caches as caches_module
 from builder.caches import Caches
+from builder.digest import Digest
 from builder.imagecache import CacheSpec
 from builder.pull import Puller
+from builder.registry.auth import Keychain
 from builder.registry.hosts import HostPolicy
 from builder.server.app import Server
+from builder.server.registry import pull_through_puller
 
 REFS = ("fixtures/app:1.0", "fixtures/oci-app:1.0", "fixtures/multi:1.0")
 
@@ -170,7 +174,7 @@ def test_pull_through_on_a_miss_stores_and_serves(tmp_path: Path, upstream: CutP
                                                   catalogue: dict[str, Any]) -> None:
     caches = Caches(tmp_path / "home")
     puller = Puller(caches.store, HostPolicy(plain_http=frozenset({upstream.host})))
-    server = Server(caches, ("127.0.0.1", 0), pull_through=puller, upstream=upstream.host, sweep_interval=0).start()
+    server = Server(caches, ("127.0.0.1", 0), pull_through=puller, upstreams=[upstream.host], sweep_interval=0).start()
     try:
         dest = tmp_path / "copy"
         before = len(upstream.requests)
@@ -184,6 +188,49 @@ def test_pull_through_on_a_miss_stores_and_serves(tmp_path: Path, upstream: CutP
         before = len(upstream.requests)
         assert skopeo_copy(server, "fixtures/app:2.0", tmp_path / "again").returncode == 0
         assert len(upstream.requests) == before
+    finally:
+        server.stop()
+
+
+def test_a_blob_pulled_through_on_its_own_is_served_locally_and_kept_while_used(tmp_path: Path, upstream: CutProxy,
+                                                                             catalogue: dict[str, Any]) -> None:
+    """A runtime whose mirror has only the ``pull`` capability resolves manifests at the
+    registry and asks imc serve for blobs alone: each is fetched once, then a hit, kept
+    by gc until unused for ``auto_unused_days``, and fetched again after that."""
+    now = dt.datetime.now(dt.UTC)
+    caches = Caches(tmp_path / "home", clock=lambda: now)
+    puller = pull_through_puller(caches.store, HostPolicy(plain_http=frozenset({upstream.host})),
+                                 Keychain(use_docker_config=False))
+    server = Server(caches, ("127.0.0.1", 0), pull_through=puller, upstreams=[upstream.host], sweep_interval=0).start()
+    layer = catalogue["images"]["fixtures/app:1.0"]["manifests"][0]["layers"][0]
+    url = f"http://{server.address}/v2/fixtures/app/blobs/{layer['digest']}?ns={upstream.host}"
+
+    def get_layer() -> None:
+        resp = requests.get(url, timeout=30)
+        assert resp.status_code == 200 and "sha256:" + hashlib.sha256(resp.content).hexdigest() == layer["digest"]
+
+    def misses() -> int:
+        text = requests.get(f"http://{server.address}/metrics", timeout=10).text
+        return sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("imc_cache_misses_total{"))
+
+    try:
+        get_layer()
+        asked = len(upstream.requests)
+        assert asked > 0 and misses() == 1
+        for _ in range(3):
+            get_layer()
+        assert len(upstream.requests) == asked and misses() == 1  # hits, served from the store
+        assert caches.gc().blobs_removed == 0
+        get_layer()
+        assert len(upstream.requests) == asked
+        days = caches.settings.auto_unused_days
+        later = Caches(tmp_path / "home", clock=lambda: now + dt.timedelta(days=days, hours=1))
+        assert later.gc().blobs_removed == 1
+        assert not caches.store.has(Digest.parse(layer["digest"]))
+        assert caches.store.home.pulled_records() == {}
+        get_layer()  # gone: pulled through again
+        assert len(upstream.requests) > asked
     finally:
         server.stop()
 

@@ -98,7 +98,7 @@ def test_pull_through_counts_misses_and_upstream_bytes(tmp_path: Path, plain_reg
     host = plain_registry.host
     caches = Caches(tmp_path / "home")
     puller = Puller(caches.store, HostPolicy(plain_http=frozenset({host})))
-    server = Server(caches, ("127.0.0.1", 0), pull_through=puller, upstream=host, sweep_interval=0).start()
+    server = Server(caches, ("127.0.0.1", 0), pull_through=puller, upstreams=[host], sweep_interval=0).start()
     try:
         client = Client(server)
         image = catalogue["images"]["fixtures/base:1.0"]["manifests"][0]

@@ -1,7 +1,8 @@
 """Hostile input, end to end: odd bytes in names, tags and digests on the registry
 endpoint, in cache names on the CLI and the API; oversized and malformed request
 bodies; unknown media types; symlinks planted in the home; pull secrets with unsafe
-permissions; and credentials, which must never show up anywhere but their secret file.
+permissions; credentials, which must never show up anywhere but their secret file;
+and pull-through, which connects only to the registries the operator listed.
 
 Requests to the server are sent raw (a socket, or ``http.client``): ``requests``
 would normalise the very paths these tests are about. Every refusal must be a clean
@@ -35,11 +36,15 @@ from typing import Any
 import imagegen  # registry-fixtures/, on the path from tests/conftest.py
 import pytest
 import yaml
+from support.countproxy import CountingProxy
 from support.faultserver import OCI_CONFIG, OCI_INDEX, FaultServer
 
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
+from builder.registry.auth import Keychain
+from builder.registry.hosts import HostPolicy
 from builder.server.app import Server
+from builder.server.registry import pull_through_puller
 
 IMC = [sys.executable, "-m", "builder"]
 API = "/apis/eci.alibabacloud.com/v1/imagecaches"
@@ -851,3 +856,110 @@ def test_credentials_never_appear_in_output_records_logs_or_answers(tmp_path: Pa
     assert {p.name for p in (home / "logs").iterdir()} == {"build-bg-bad.log"}
     assert len(outputs) > 40 and len(served) == 9
     assert not found, f"credentials found in: {found}"
+
+
+# -- pull-through reaches only the registries the operator listed ----------------------------------
+
+
+@pytest.fixture
+def pull_through(tmp_path: Path, plain_registry: Any) -> Iterator[dict[str, Any]]:
+    """imc serve --pull-through --upstream <registry:2 behind a counting proxy>, and a
+    listening socket elsewhere on the node that no request may make imc connect to."""
+    host, port = plain_registry.host.split(":")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    with CountingProxy((host, int(port))) as proxy:
+        caches = Caches(tmp_path / "home")
+        puller = pull_through_puller(caches.store, HostPolicy(plain_http=frozenset({proxy.host})),
+                                     Keychain(use_docker_config=False))
+        server = Server(caches, ("127.0.0.1", 0), pull_through=puller, upstreams=[proxy.host],
+                        sweep_interval=0).start()
+        try:
+            yield {"server": server, "proxy": proxy, "listener": listener, "caches": caches}
+        finally:
+            server.stop()
+            listener.close()
+
+
+def accepted(listener: socket.socket) -> int:
+    """Connections the listening socket has received (drained)."""
+    count = 0
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+def test_an_unlisted_ns_never_opens_a_connection(pull_through: dict[str, Any]) -> None:
+    """Every ``ns`` that is not the listed upstream, however it is spelled, is answered
+    404 NAME_UNKNOWN with the same words. The request returns at all (the listener
+    never answers, so a connection to it would hold the request), and the listener's
+    accept queue is empty."""
+    address, listener = pull_through["server"].address, pull_through["listener"]
+    port = listener.getsockname()[1]
+    upstream_host = pull_through["proxy"].host.split(":")[0]
+    answers = set()
+    for ns in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1", upstream_host,
+               "169.254.169.254", "metadata.google.internal", "10.0.0.1:5000", "registry.invalid"):
+        for path in (f"/v2/foo/bar/manifests/latest?ns={ns}", f"/v2/foo/bar/blobs/{UNKNOWN_DIGEST}?ns={ns}",
+                     f"/v2/foo/bar/manifests/{UNKNOWN_DIGEST}?ns={ns}"):
+            status, body, _ = raw_request(address, f"GET {path} HTTP/1.1".encode())
+            error = json.loads(body)["errors"][0]
+            assert (status, error["code"]) == (404, "NAME_UNKNOWN"), (path, body)
+            answers.add(error["message"])
+    assert len(answers) == 1  # nothing says whether a host exists
+    assert accepted(listener) == 0
+    assert pull_through["proxy"].requests == []
+
+
+def test_a_listed_ns_pulls_through_as_containerd_asks(pull_through: dict[str, Any],
+                                                      catalogue: dict[str, Any]) -> None:
+    """containerd, mirroring a registry, sends ``?ns=<registry>`` with every request."""
+    address, proxy = pull_through["server"].address, pull_through["proxy"]
+    image = catalogue["images"]["fixtures/base:1.0"]["manifests"][0]
+    accept = f"Accept: {OCI_ACCEPT}\r\n".encode()
+    status, body, _ = raw_request(address, f"GET /v2/fixtures/base/manifests/1.0?ns={proxy.host} HTTP/1.1".encode(),
+                                  accept)
+    assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == image["digest"]
+    for blob in (image["config"], *image["layers"]):
+        status, body, _ = raw_request(address,
+                                      f"GET /v2/fixtures/base/blobs/{blob['digest']}?ns={proxy.host} HTTP/1.1".encode())
+        assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == blob["digest"]
+    assert accepted(pull_through["listener"]) == 0
+
+
+def test_twenty_clients_missing_the_same_blob_cause_one_upstream_fetch(pull_through: dict[str, Any],
+                                                                       catalogue: dict[str, Any]) -> None:
+    """The first miss's upstream request is held at the proxy until the other nineteen
+    requests are waiting inside the server; then exactly one HEAD and one GET of that
+    blob reached the registry, and all twenty clients got its bytes."""
+    server, proxy = pull_through["server"], pull_through["proxy"]
+    layer = catalogue["images"]["fixtures/app:1.0"]["manifests"][0]["layers"][0]
+    gate = proxy.hold(lambda method, path: path.endswith(layer["digest"]))
+    path = f"/v2/fixtures/app/blobs/{layer['digest']}?ns={proxy.host}"
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = [pool.submit(raw_request, server.address, f"GET {path} HTTP/1.1".encode()) for _ in range(20)]
+        assert gate.wait_for(1, timeout=60)
+        deadline = threading.Event()
+        for _ in range(600):  # until the other nineteen wait on the first (each check waits 0.1 s at most)
+            if server.registry.upstream_waiters() == 19:
+                break
+            deadline.wait(0.1)
+        assert server.registry.upstream_waiters() == 19
+        gate.open()
+        results = [a.result(timeout=120) for a in answers]
+    assert all(status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == layer["digest"]
+               for status, body, _ in results)
+    asked = [r.method for r in proxy.requests if r.path.endswith(layer["digest"])]
+    assert sorted(asked) == ["GET", "HEAD"]
+
+
+def test_pull_through_with_allow_remote_needs_an_upstream(tmp_path: Path) -> None:
+    for args in (["--allow-remote", "--listen", "0.0.0.0:0"], []):
+        out = imc(tmp_path / "home", "serve", *args, "--pull-through", timeout=60)
+        assert out.returncode == 2
+        lines = out.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "--pull-through needs --upstream" in lines[0], lines

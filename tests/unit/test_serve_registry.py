@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import socket
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ from support.faultserver import FaultServer
 
 from builder.caches import Caches
 from builder.digest import Digest
+from builder.errors import TransportError, ValidationError
 from builder.imagecache import CacheSpec
 from builder.oci import OCI_MANIFEST, Descriptor
-from builder.server.registry import Outcome, RegistryEndpoint, Reply
+from builder.registry.auth import Keychain
+from builder.registry.hosts import HostPolicy, is_internal
+from builder.server.registry import Outcome, RegistryEndpoint, Reply, pull_through_puller
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -249,3 +253,149 @@ def test_tags_list(endpoint: RegistryEndpoint, upstream: FaultServer, local: dic
     for path, query in (("/v2/unknown/repo/tags/list", {}), ("/v2/test/app/tags/list", {"ns": "localhost:5000"})):
         reply = get(endpoint, path, query=query)
         assert (reply.status, code(reply)) == (404, "NAME_UNKNOWN")
+
+
+# -- pull-through: only the listed upstreams ---------------------------------------------------
+
+
+@pytest.fixture
+def listener() -> Any:
+    """A listening socket nothing should connect to: accept() finds no connection."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def connections(sock: socket.socket) -> int:
+    count = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+def pulling(caches: Caches, *upstreams: str, policy: HostPolicy | None = None) -> RegistryEndpoint:
+    policy = policy or HostPolicy(plain_http=frozenset(upstreams))
+    return RegistryEndpoint(caches, pull_through_puller(caches.store, policy, Keychain(use_docker_config=False)),
+                            upstreams)
+
+
+@pytest.mark.parametrize("path", ["/v2/foo/bar/manifests/latest", "/v2/foo/bar/manifests/sha256:" + "2" * 64,
+                                  "/v2/foo/bar/blobs/sha256:" + "2" * 64])
+def test_an_unlisted_ns_opens_no_connection(caches: Caches, upstream: FaultServer, listener: socket.socket,
+                                            path: str) -> None:
+    endpoint = pulling(caches, upstream.endpoint)
+    before = len(upstream.requests)
+    port = listener.getsockname()[1]
+    for ns in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "169.254.169.254", "registry.example.com"):
+        reply = get(endpoint, path, query={"ns": ns})
+        assert (reply.status, code(reply)) == (404, "NAME_UNKNOWN")
+        assert json.loads(reply.body)["errors"][0]["message"] == ("not held here, and its registry is not an "
+                                                                 "upstream of this server")  # the same for all
+        assert reply.outcome is not None and reply.outcome.hit is False and reply.outcome.upstream_bytes == 0
+    assert connections(listener) == 0
+    assert len(upstream.requests) == before
+
+
+def test_an_unlisted_ns_is_still_served_what_is_local(caches: Caches, upstream: FaultServer, image: Any) -> None:
+    endpoint = pulling(caches, "registry.example.com")
+    reply = get(endpoint, "/v2/test/app/manifests/v1", query={"ns": upstream.endpoint})
+    assert reply.status == 200 and body(reply) == image.manifest.data
+
+
+def test_a_listed_ns_matches_host_and_port_exactly(caches: Caches, upstream: FaultServer) -> None:
+    other = upstream.add_image([tar_gz("c", b"pulled through")], tag="v2")
+    endpoint = pulling(caches, upstream.endpoint)
+    host_only = get(endpoint, "/v2/test/app/manifests/v2", query={"ns": "127.0.0.1"})
+    assert (host_only.status, code(host_only)) == (404, "NAME_UNKNOWN")
+    reply = get(endpoint, "/v2/test/app/manifests/v2", query={"ns": upstream.endpoint.upper()})
+    assert reply.status == 200 and body(reply) == other.manifest.data
+    assert reply.outcome is not None and reply.outcome.hit is False and reply.outcome.upstream_bytes > 0
+
+
+def test_without_ns_the_first_upstream_is_asked(caches: Caches, upstream: FaultServer) -> None:
+    other = upstream.add_image([tar_gz("c", b"pulled through")], tag="v2")
+    endpoint = pulling(caches, upstream.endpoint, "registry.example.com")
+    reply = get(endpoint, "/v2/test/app/manifests/v2")
+    assert reply.status == 200 and body(reply) == other.manifest.data
+
+
+def test_pull_through_needs_an_upstream(caches: Caches) -> None:
+    with pytest.raises(ValidationError, match="--pull-through needs --upstream"):
+        pulling(caches)
+
+
+def test_a_blob_pulled_on_its_own_is_served_locally_from_then_on(caches: Caches, upstream: FaultServer) -> None:
+    layer = tar_gz("d", b"a layer no manifest asked for")
+    digest = upstream.add_blob(layer).digest
+    endpoint = pulling(caches, upstream.endpoint)
+    first = get(endpoint, f"/v2/test/app/blobs/{digest}")
+    assert first.status == 200 and body(first) == layer
+    assert first.outcome is not None and first.outcome.hit is False and first.outcome.upstream_bytes == len(layer)
+    asked = len(upstream.requests)
+    for _ in range(3):
+        again = get(endpoint, f"/v2/test/app/blobs/{digest}")
+        assert again.status == 200 and body(again) == layer
+        assert again.outcome == Outcome("blob", hit=True, served=len(layer))
+    assert len(upstream.requests) == asked
+    # A new server over the same home serves it too: it is recorded, not only remembered.
+    assert get(RegistryEndpoint(caches), f"/v2/other/repo/blobs/{digest}").status == 200
+
+
+# -- redirects from a pull-through upstream --------------------------------------------------
+
+
+@pytest.mark.parametrize("host,internal", [
+    ("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("[::1]", True), ("10.1.2.3", True),
+    ("172.16.0.1", True), ("192.168.1.1", True), ("169.254.169.254", True), ("fe80::1", True), ("fd00::1", True),
+    ("100.64.0.1", True), ("0.0.0.0", True), ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.1", True),
+    ("224.0.0.1", True), ("localhost", True), ("8.8.8.8", False), ("2001:4860:4860::8888", False),
+    ("1.1.1.1", False), ("::ffff:8.8.8.8", False),
+])
+def test_internal_addresses(host: str, internal: bool) -> None:
+    assert is_internal(host) is internal
+
+
+@pytest.mark.parametrize("endpoint,target,refused", [
+    ("registry.example.com", "http://127.0.0.1:9000/blob", True),
+    ("registry.example.com", "https://10.0.0.5/blob", True),
+    ("registry.example.com", "https://[fe80::1]/blob", True),
+    ("registry.example.com:443", "https://169.254.169.254/latest", True),
+    ("registry.example.com", "https://storage.example.net/blob", False),  # another public host: allowed
+    ("10.0.0.2:5000", "http://10.0.0.9:9000/blob", False),  # an internal upstream may
+    ("[fd00::2]:5000", "http://127.0.0.1:9000/blob", False),
+])
+def test_redirects_from_a_public_upstream_into_the_network_are_refused(endpoint: str, target: str,
+                                                                        refused: bool) -> None:
+    public = {"registry.example.com", "storage.example.net"}
+    policy = HostPolicy(internal_redirects=False, internal=lambda host: host not in public)
+    if refused:
+        with pytest.raises(TransportError, match="an internal address; refused"):
+            policy.check_redirect(endpoint, target)
+    else:
+        policy.check_redirect(endpoint, target)
+    HostPolicy().check_redirect(endpoint, target)  # imc pull and builds: the user named the registry
+
+
+def test_pull_through_refuses_a_redirect_from_a_public_upstream_to_a_private_address(
+        caches: Caches, upstream: FaultServer, other_server: FaultServer) -> None:
+    """The upstream is on loopback here, so it is declared public for the test; the
+    redirect goes to ``localhost``, an internal address."""
+    layer = tar_gz("e", b"redirected layer")
+    digest = upstream.add_blob(layer).digest
+    upstream.redirect_blobs(other_server, host="localhost")
+    policy = HostPolicy(plain_http=frozenset({upstream.endpoint}), internal=lambda host: host != "127.0.0.1")
+    reply = get(pulling(caches, upstream.endpoint, policy=policy), f"/v2/test/app/blobs/{digest}")
+    assert (reply.status, code(reply)) == (404, "BLOB_UNKNOWN")
+    assert upstream.count(upstream.blob_path(digest), method=None) == 1 and other_server.requests == []
+    assert not caches.store.has(Digest.parse(digest))
+    # The same redirect from an upstream that is itself internal is followed.
+    followed = get(pulling(caches, upstream.endpoint), f"/v2/test/app/blobs/{digest}")
+    assert followed.status == 200 and body(followed) == layer
+    assert other_server.count(other_server.blob_path(digest)) == 1
