@@ -76,8 +76,11 @@ from builder.oci import OCI_MANIFEST, Descriptor, detect_media_type
 from builder.reference import Reference
 from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain
-from builder.registry.client import UPLOAD_CHUNK, BlobSink, Registry, RetryPolicy
+from builder.registry.blobs import BlobSink
+from builder.registry.client import Registry
 from builder.registry.hosts import HostPolicy
+from builder.registry.retry import RetryPolicy
+from builder.registry.uploads import UPLOAD_CHUNK
 from builder.store import pread_exact
 from builder.volume import Volume
 

@@ -13,7 +13,8 @@ translated once, where they happen (the transport, the store), and never leak ou
     │   ├── NotFoundError        manifest, blob, tag or repository unknown
     │   └── UnsupportedError     a manifest type or media type imc does not handle
     ├── TransportError           no answer: refused, reset, timeout, truncated body
-    │   └── TLSError             certificate verification or handshake failed
+    │   ├── TLSError             certificate verification or handshake failed
+    │   └── DeadlineError        the command's time (--timeout) ran out
     ├── StoreError               the content store is damaged or cannot be written
     ├── NotFoundLocalError       a digest, image or record that imc does not hold
     ├── CacheStateError          an operation the cache's phase does not allow
@@ -110,6 +111,13 @@ class TransportError(ImcError):
 
 class TLSError(TransportError):
     """TLS failed: an unverifiable certificate or a broken handshake (never temporary)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=False)
+
+
+class DeadlineError(TransportError):
+    """The command's overall deadline passed before the registry was done (never temporary)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, temporary=False)

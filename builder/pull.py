@@ -19,8 +19,10 @@ from builder.errors import ImcError
 from builder.oci import Descriptor, Index, Manifest, Platform, parse_manifest
 from builder.reference import Reference
 from builder.registry.auth import Keychain, TokenCache
-from builder.registry.client import CHUNK, BlobSink, Registry, RetryPolicy
+from builder.registry.blobs import CHUNK, BlobSink
+from builder.registry.client import Registry
 from builder.registry.hosts import HostPolicy
+from builder.registry.retry import RetryPolicy
 from builder.store import Store
 
 DEFAULT_CONCURRENCY = 4

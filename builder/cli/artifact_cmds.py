@@ -30,8 +30,8 @@ from builder.cli.common import (
     show,
 )
 from builder.reference import parse as parse_reference
-from builder.registry.client import UPLOAD_CHUNK
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
+from builder.registry.uploads import UPLOAD_CHUNK
 
 _SIZE_RE = re.compile(r"^(\d+)\s*([kmg]?)i?b?$", re.IGNORECASE)
 

@@ -33,8 +33,8 @@ from builder.artifact import (
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
 from builder.reference import parse as parse_reference
-from builder.registry.client import RetryPolicy
 from builder.registry.hosts import HostPolicy
+from builder.registry.retry import RetryPolicy
 from builder.server.app import Server
 
 REFS = ("fixtures/app:1.0", "fixtures/oci-app:1.0", "fixtures/multi:1.0")

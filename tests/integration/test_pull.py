@@ -175,8 +175,8 @@ def test_token_refused_by_the_registry_is_refreshed(tmp_path: Path, token_regist
     puller = Puller(Store(tmp_path), HostPolicy(plain_http=frozenset({token_registry.host})),
                     keychain_for(token_registry), tokens=tokens)
     puller.pull([parse(f"{token_registry.host}/fixtures/base:1.0")])
-    registry = puller.registry(token_registry.host)
-    key = registry._token_key(registry._challenge, "repository:fixtures/base:pull")  # type: ignore[arg-type]
+    transport = puller.registry(token_registry.host).transport
+    key = transport._token_key(transport._challenge, "repository:fixtures/base:pull")  # type: ignore[arg-type]
     tokens.put(key, "revoked-token", 3600)  # the registry will answer 401 to it
     puller.pull([parse(f"{token_registry.host}/fixtures/base:1.0")])
     assert _token_stats(token_registry)["repository:fixtures/base:pull"] == 2

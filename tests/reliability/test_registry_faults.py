@@ -44,8 +44,8 @@ from builder.digest import Digest
 from builder.imagecache import CacheSpec, ImageCache
 from builder.pull import Puller
 from builder.reference import parse
-from builder.registry.client import RetryPolicy
 from builder.registry.hosts import HostPolicy
+from builder.registry.retry import RetryPolicy
 from builder.store import Store
 from builder.volume import Volume
 

@@ -40,8 +40,9 @@ from builder.oci import MAX_MANIFEST_SIZE, OCI_INDEX, Descriptor, Platform, pars
 from builder.pull import BlobProgress, Puller
 from builder.reference import parse
 from builder.registry.auth import DockerConfig, Keychain, TokenCache
-from builder.registry.client import Registry, RetryPolicy
+from builder.registry.client import Registry
 from builder.registry.hosts import HostPolicy
+from builder.registry.retry import RetryPolicy
 from builder.store import Ingest, Store
 
 AMD64 = Platform("linux", "amd64")
@@ -149,7 +150,7 @@ def test_connection_refused_is_a_transport_error(sleeps):
     client = Registry(endpoint, HostPolicy(plain_http=frozenset({endpoint})), keychain(),
                       retry=RetryPolicy(attempts=3), sleep=sleeps)
     with pytest.raises(TransportError) as info:
-        client.ping()
+        client.get_manifest("test/app", "v1")
     assert "connection refused" in info.value.message
     assert endpoint in info.value.message
     assert info.value.temporary is True

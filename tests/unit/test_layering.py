@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "builder"
 
 LAYERS = [
     "errors", "faults", "digest", "home", "reference", "oci", "compression",
-    "registry.hosts", "registry.auth", "registry.client",
+    "registry.hosts", "registry.auth", "registry.retry", "registry.transport",
+    "registry.blobs", "registry.manifests", "registry.uploads", "registry.client",
     "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "caches", "artifact", "matcher",
     "server.registry", "server.metrics", "server.discovery", "server.api", "server.app",
     "cli",
@@ -41,7 +42,10 @@ def builder_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("builder"):
             base = node.module[len("builder."):] if node.module != "builder" else ""
             for alias in node.names:
-                out.add(base or alias.name)
+                sub = f"{base}.{alias.name}" if base else alias.name
+                # ``from builder.registry import blobs`` imports the module registry.blobs
+                is_module = (PACKAGE / Path(*sub.split("."))).with_suffix(".py").exists()
+                out.add(sub if is_module else base)
         elif isinstance(node, ast.Import):
             out |= {a.name[len("builder."):] for a in node.names if a.name.startswith("builder.")}
     return {m for m in out if m and m not in ("__version__",)}

@@ -22,8 +22,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from builder.digest import Digest
-from builder.registry.client import Registry, RetryPolicy
+from builder.registry import uploads
+from builder.registry.client import Registry
 from builder.registry.hosts import HostPolicy
+from builder.registry.retry import RetryPolicy
 
 FAST = RetryPolicy(attempts=4, backoff=0.001, max_backoff=0.002, timeout=(5.0, 10.0))
 
@@ -182,7 +184,7 @@ def test_a_session_the_registry_forgot_starts_this_blob_again(server: _Server) -
 
 def test_a_lost_answer_to_the_final_put_is_found_by_head(server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
     registry = client(server)
-    real = registry._finish_upload
+    real = uploads._finish
     calls = []
 
     def finish_then_lose_the_answer(*args: object, **kw: object) -> None:
@@ -192,7 +194,7 @@ def test_a_lost_answer_to_the_final_put_is_found_by_head(server: _Server, monkey
             from builder.errors import TransportError
             raise TransportError("connection lost reading the answer")
 
-    monkeypatch.setattr(registry, "_finish_upload", finish_then_lose_the_answer)
+    monkeypatch.setattr(uploads, "_finish", finish_then_lose_the_answer)
     registry.upload_blob_chunked("r", DIGEST, len(DATA), read, CHUNK)
     assert len(calls) == 1 and server.state.blobs[str(DIGEST)] == DATA
     assert registry.blob_exists("r", DIGEST) and not registry.blob_exists("r", Digest.of(b"other"))
@@ -208,7 +210,7 @@ def test_source_bytes_that_do_not_match_the_digest_fail_after_the_retries(server
 
 def test_push_scope_and_monolithic_upload(server: _Server) -> None:
     registry = client(server)
-    assert registry._scope("team/app") == "repository:team/app:pull,push"
-    assert Registry("x:1")._scope("team/app") == "repository:team/app:pull"
+    assert registry.transport.scope("team/app") == "repository:team/app:pull,push"
+    assert Registry("x:1").transport.scope("team/app") == "repository:team/app:pull"
     registry.upload_blob("r", Digest.of(b"config"), b"config")
     assert server.state.blobs[str(Digest.of(b"config"))] == b"config"
