@@ -5,11 +5,14 @@ download, an upload) runs through ``Retrier.run``, as regclient keeps all retry 
 backoff in its ``reghttp``. An operation stops when an error is not temporary, when
 ``attempts`` failures came in a row without progress, when nothing progressed for
 ``stall`` seconds, or when the command's deadline passed. A download that keeps
-receiving bytes is never stopped by the count of its retries.
+receiving bytes is never stopped by the count of its retries. Waits between tries use
+full jitter, or the registry's Retry-After when it sent one; ``backoff`` is the one
+backoff function of imc.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,9 +25,12 @@ RETRIED = (TransportError, RegistryError, DigestMismatchError)
 """What an operation may raise and still be tried again (if its ``retryable`` says so)."""
 
 
-def backoff(failures: int, base: float, cap: float) -> float:
-    """The wait before try ``failures + 1``: ``base * 2^(failures-1)``, at most ``cap``."""
-    return min(cap, base * (2 ** (failures - 1)))
+def backoff(failures: int, base: float, cap: float, draw: Callable[[], float] = random.random) -> float:
+    """The wait before try ``failures + 1``, with full jitter: a uniform draw from 0 to
+    ``base * 2^(failures-1)`` (at most ``cap``). Clients that failed together then come
+    back spread over the whole window, not in lockstep as a fixed backoff would have
+    them (AWS, "Exponential Backoff And Jitter"). ``draw`` gives a number in [0, 1)."""
+    return draw() * min(cap, base * (2 ** (failures - 1)))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ class SleepRecorder:
     def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
 
+    def jittered(self, ceilings: list[float]) -> bool:
+        """Whether the delays were full-jitter draws, one under each ceiling in turn."""
+        return len(self.calls) == len(ceilings) and all(0 <= c <= top for c, top in zip(self.calls, ceilings, strict=True))
+
 
 @pytest.fixture
 def sleeps() -> SleepRecorder:

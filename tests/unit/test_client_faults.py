@@ -96,7 +96,7 @@ def test_500_twice_then_success_backs_off(server, sleeps):
     assert fetched.raw == image.manifest.data
     assert str(fetched.digest) == image.manifest.digest
     assert server.count(path) == 3
-    assert sleeps.calls == [0.5, 1.0]  # exponential backoff from RetryPolicy.backoff
+    assert sleeps.jittered([0.5, 1.0])  # exponential ceilings from RetryPolicy.backoff
 
 
 def test_500_forever_gives_up_after_the_attempts(server, sleeps):
@@ -111,7 +111,7 @@ def test_500_forever_gives_up_after_the_attempts(server, sleeps):
     assert err.status == 503
     assert "503" in err.message
     assert server.count(path) == 4
-    assert sleeps.calls == [1.0, 2.0, 3.0]  # capped at max_backoff
+    assert sleeps.jittered([1.0, 2.0, 3.0])  # capped at max_backoff
 
 
 def test_429_retry_after_seconds_is_honoured(server, sleeps):
@@ -130,7 +130,7 @@ def test_429_retry_after_date_is_capped(server, sleeps):
     server.fail(path, 429, headers={"Retry-After": far})
     server.fail(path, 429)  # no Retry-After: ordinary backoff (the second failure)
     registry(server, sleeps, retry=RetryPolicy(max_retry_after=60.0)).get_manifest(server.repository, "v1")
-    assert sleeps.calls == [60.0, 1.0]
+    assert sleeps.calls[0] == 60.0 and sleeps.jittered([60.0, 1.0])
 
 
 def test_404_is_not_retried_and_carries_codes(server, sleeps):
@@ -154,7 +154,7 @@ def test_connection_refused_is_a_transport_error(sleeps):
     assert "connection refused" in info.value.message
     assert endpoint in info.value.message
     assert info.value.temporary is True
-    assert sleeps.calls == [0.5, 1.0]  # refused is temporary: retried, then given up
+    assert sleeps.jittered([0.5, 1.0])  # refused is temporary: retried, then given up
 
 
 # -- blobs: truncation and resume ------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_truncated_blob_resumes_with_range(server, sleeps, tmp_path):
     registry(server, sleeps).fetch_blob(server.repository, digest, len(data), sink, progress.append)
     assert server.ranges(path) == [None, "bytes=100000-"]
     assert sum(progress) == len(data) and min(progress) > 0
-    assert sleeps.calls == [0.5]
+    assert sleeps.jittered([0.5])
     sink.commit(tmp_path / "final")
     assert (tmp_path / "final").read_bytes() == data
 
@@ -612,7 +612,7 @@ def test_manifest_cut_short_is_retried(server, sleeps):
     fetched = registry(server, sleeps).get_manifest(server.repository, "v1")
     assert fetched.raw == image.manifest.data
     assert server.count(path) == 2
-    assert sleeps.calls == [0.5]
+    assert sleeps.jittered([0.5])
 
 
 def test_resume_after_redirect_sends_range_to_the_other_host(server, other_server, sleeps, tmp_path):
@@ -718,4 +718,4 @@ def test_manifest_cut_short_every_time_gives_up(server, sleeps):
         registry(server, sleeps, retry=RetryPolicy(attempts=3)).get_manifest(server.repository, "v1")
     assert "test/app:v1" in info.value.message
     assert server.count(path) == 3
-    assert sleeps.calls == [0.5, 1.0]
+    assert sleeps.jittered([0.5, 1.0])

@@ -7,6 +7,7 @@ seconds are tested without waiting for them.
 
 from __future__ import annotations
 
+import random
 import socket
 import ssl
 
@@ -25,7 +26,7 @@ from builder.errors import (
 )
 from builder.registry.auth import DockerConfig, Keychain
 from builder.registry.hosts import HostPolicy
-from builder.registry.retry import Deadline, Retrier, RetryPolicy
+from builder.registry.retry import Deadline, Retrier, RetryPolicy, backoff
 from builder.registry.transport import RegistryTransport, translate
 
 
@@ -231,3 +232,16 @@ def test_until_sets_a_deadline_from_now():
     deadline = RetryPolicy().until(30.0).deadline
     assert deadline is not None and deadline.seconds == 30.0
 
+
+
+def test_backoff_is_full_jitter_under_an_exponential_ceiling():
+    top = [backoff(n, 0.5, 10.0, lambda: 0.999999) for n in range(1, 8)]
+    assert top == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0], rel=1e-5)
+    assert [backoff(n, 0.5, 10.0, lambda: 0.0) for n in range(1, 8)] == [0.0] * 7
+    assert backoff(3, 0.5, 10.0, lambda: 0.25) == 0.5
+
+
+def test_a_fleet_failing_together_does_not_retry_in_lockstep():
+    draws = [backoff(4, 0.5, 10.0, random.Random(seed).random) for seed in range(20)]
+    assert all(0 <= d < 4.0 for d in draws)
+    assert len(set(draws)) == 20  # twenty nodes, twenty different waits
