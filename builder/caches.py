@@ -67,6 +67,7 @@ from builder.pull import (
 from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain, SecretStore
 from builder.registry.hosts import HostPolicy
+from builder.registry.retry import RetryPolicy
 from builder.store import Store
 from builder.volume import PackProgress, Volume
 
@@ -350,17 +351,18 @@ class Caches:
     # -- building --------------------------------------------------------------------------
 
     def build(self, name: str, lease: BuildLease, on_pull: Callable[[PullEvent], None] | None = None,
-              on_event: Callable[[Event], None] | None = None) -> ImageCache:
+              on_event: Callable[[Event], None] | None = None, timeout: float | None = None) -> ImageCache:
         """Run the build of a cache in Creating or Updating, then release the lease.
 
         Never raises for a build failure: the failure is the cache's new phase, with an
-        event saying why. ``on_event`` sees each cache event as it is recorded.
+        event saying why. ``on_event`` sees each cache event as it is recorded. The pull
+        gives up after ``timeout`` seconds (default: the ``pull_timeout_seconds`` setting).
         Returns the final record.
         """
         if on_event is not None:
             self._listeners[name] = on_event
         try:
-            self._build(name, on_pull)
+            self._build(name, on_pull, self.settings.retry_policy(timeout))
         except NotFoundLocalError:
             pass  # deleted while building: nothing left to report to
         except (ImcError, OSError) as e:
@@ -374,7 +376,7 @@ class Caches:
             self._listeners.pop(name, None)
         return self.db.get(name)
 
-    def _build(self, name: str, on_pull: Callable[[PullEvent], None] | None) -> None:
+    def _build(self, name: str, on_pull: Callable[[PullEvent], None] | None, retry: RetryPolicy) -> None:
         cache = self.db.get(name)
         if cache.phase not in BUILDING:
             raise CacheStateError(f"image cache {name} is {cache.phase}: nothing to build")
@@ -387,7 +389,7 @@ class Caches:
         early = spec.flash and cache.phase == CREATING
         span = (5, 90) if early else (5, 80)
         puller = Puller(self.store, policy, keychain, self.platform, self.concurrency,
-                        on_event=_BuildProgress(self, name, span, on_pull), sources=sources)
+                        on_event=_BuildProgress(self, name, span, on_pull), retry=retry, sources=sources)
         self._record(name, lambda c: c.event("Pulling", f"pulling {len(spec.images)} images"))
         with self.store.pinning():
             result = puller.pull([parse_reference(i) for i in spec.images], record=False)

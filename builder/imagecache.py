@@ -29,6 +29,7 @@ from builder import reference
 from builder.errors import NotFoundLocalError, QuotaError, StoreError, ValidationError
 from builder.registry.auth import SecretStore
 from builder.registry.hosts import parse_endpoint_list
+from builder.registry.retry import RetryPolicy
 from builder.store import write_atomic
 
 API_VERSION = "eci.alibabacloud.com/v1"
@@ -437,10 +438,19 @@ def match_keys(cache: ImageCache) -> set[tuple[str, str]]:
 
 @dataclass
 class Settings:
-    """Policies as data: quotas and automatic-cache expiry, in ``settings.json``."""
+    """Policies as data: quotas, automatic-cache expiry and how long a pull may wait,
+    in ``settings.json``.
+
+    ``pull_stall_seconds`` bounds the time a download may go without receiving a byte
+    (0: no bound); ``pull_timeout_seconds`` bounds a whole pull, build or transfer (0:
+    none). They apply to the CLI (where ``--timeout`` overrides the second), to builds
+    the API starts and to pull-through.
+    """
 
     max_manual_caches: int = 100
     auto_unused_days: int = 30
+    pull_stall_seconds: int = 120
+    pull_timeout_seconds: int = 0
 
     @property
     def max_auto_caches(self) -> int:
@@ -465,6 +475,12 @@ class Settings:
     @staticmethod
     def field_names() -> list[str]:
         return [f.name for f in fields(Settings)]
+
+    def retry_policy(self, timeout: float | None = None) -> RetryPolicy:
+        """The registry retry policy these settings give, its deadline counted from now:
+        ``timeout`` seconds if given, else ``pull_timeout_seconds`` (0 for none)."""
+        seconds = timeout if timeout is not None else self.pull_timeout_seconds
+        return RetryPolicy(stall=self.pull_stall_seconds or float("inf")).until(seconds or None)
 
 
 # -- records ---------------------------------------------------------------------------------

@@ -195,6 +195,12 @@ class Puller:
         self._registries: dict[str, Registry] = {}
         self._lock = threading.Lock()
 
+    def with_retry(self, retry: RetryPolicy) -> Puller:
+        """A puller like this one (store, hosts, credentials, tokens, sources, events)
+        under another retry policy: a server bounds each pull-through by its own deadline."""
+        return Puller(self.store, self.policy, self.keychain, self.platform, self.concurrency, self._emit, retry,
+                      self._tokens, self.sources)
+
     def registry(self, endpoint: str) -> Registry:
         """The client for ``endpoint``, shared by every image of this puller."""
         with self._lock:

@@ -27,7 +27,9 @@ from builder.cli.common import (
     output_option,
     pass_ctx,
     registry_options,
+    retry_policy,
     show,
+    timeout_option,
 )
 from builder.reference import parse as parse_reference
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
@@ -77,12 +79,13 @@ class TransferProgress(ProgressLines):
               help="Volume bytes per artifact layer: at most this much goes again after a lost connection.")
 @click.option("--chunk-size", type=ByteSize(), default=UPLOAD_CHUNK, show_default=f"{UPLOAD_CHUNK >> 20}M",
               help="Bytes per PATCH of a chunked upload.")
+@timeout_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @output_option("json", "yaml")
 @pass_ctx
 def volume_push(ctx: Context, name: str, target: str, plain_http: tuple[str, ...], insecure: tuple[str, ...],
-                ca_file: str | None, pull_secrets: tuple[str, ...], part_size: int, chunk_size: int, quiet: bool,
-                output: str) -> None:
+                ca_file: str | None, pull_secrets: tuple[str, ...], part_size: int, chunk_size: int,
+                timeout: float | None, quiet: bool, output: str) -> None:
     """Publish a Ready cache (its volume and ImageCache record) as an OCI artifact.
 
     Parts the registry already holds are skipped, so pushing again after a failure
@@ -91,7 +94,7 @@ def volume_push(ctx: Context, name: str, target: str, plain_http: tuple[str, ...
     ref = parse_reference(target)
     policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
     result = push_cache(ctx.caches, name, ref, policy, make_keychain(ctx, pull_secrets), part_size=part_size,
-                        chunk_size=chunk_size,
+                        chunk_size=chunk_size, retry=retry_policy(ctx, timeout),
                         on_progress=None if quiet or output != "table" else TransferProgress("uploaded"))
     if output == "json":
         emit_json(result.to_json())
@@ -109,18 +112,19 @@ def volume_push(ctx: Context, name: str, target: str, plain_http: tuple[str, ...
 @registry_options
 @click.option("-j", "--concurrency", type=click.IntRange(1, 32), default=4, show_default=True,
               help="Parts downloaded in parallel.")
+@timeout_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @output_option("json", "yaml")
 @pass_ctx
 def volume_pull(ctx: Context, ref: str, name: str | None, plain_http: tuple[str, ...], insecure: tuple[str, ...],
-                ca_file: str | None, pull_secrets: tuple[str, ...], concurrency: int, quiet: bool,
-                output: str) -> None:
+                ca_file: str | None, pull_secrets: tuple[str, ...], concurrency: int, timeout: float | None,
+                quiet: bool, output: str) -> None:
     """Import a cache pushed with 'imc volume push' as a Ready cache that 'imc serve'
     serves at once. Every part and the whole volume are verified first."""
     source = parse_reference(ref)
     policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
     cache = pull_cache(ctx.caches, source, policy, make_keychain(ctx, pull_secrets), name=name,
-                       concurrency=concurrency,
+                       concurrency=concurrency, retry=retry_policy(ctx, timeout),
                        on_progress=None if quiet or output != "table" else TransferProgress("downloaded"))
     show(cache, output)
     if output == "table":

@@ -25,6 +25,7 @@ from builder.cli.common import (
     pass_ctx,
     print_table,
     show,
+    timeout_option,
 )
 from builder.errors import ImcError, ValidationError
 from builder.export import FORMATS, OCI_ARCHIVE, export_archive, stream_archive
@@ -49,12 +50,14 @@ class CacheFailed(ImcError):
     exit_code = 12
 
 
-def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, quiet: bool) -> ImageCache:
-    """Build now (``--wait``: here, with progress) or in a detached builder process."""
+def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, quiet: bool,
+              timeout: float | None = None) -> ImageCache:
+    """Build now (``--wait``: here, with progress) or in a detached builder process;
+    its pull gives up after ``timeout`` seconds (default: the settings')."""
     if wait:
         progress = None if quiet else PullProgress()
         final = ctx.caches.build(cache.name, lease, on_pull=progress,
-                                 on_event=None if progress is None else progress.cache_event)
+                                 on_event=None if progress is None else progress.cache_event, timeout=timeout)
         if final.phase in (FAILED, UPDATE_FAILED):
             raise CacheFailed(f"image cache {final.name} is {final.phase}: {final.message}")
         return final
@@ -62,7 +65,7 @@ def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, qu
     with os.fdopen(open_unlinked(ctx.home.build_log(cache.name), os.O_WRONLY | os.O_APPEND), "ab") as log:
         subprocess.Popen(
             [sys.executable, "-m", "builder", "--home", str(ctx.home.root), "cache", "build", cache.name,
-             "--lease-fd", str(lease.fileno())],
+             "--lease-fd", str(lease.fileno()), *(["--timeout", str(timeout)] if timeout is not None else [])],
             pass_fds=(lease.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     lease.release()  # the builder holds it now
     return cache
@@ -90,17 +93,18 @@ def cache() -> None:
 @click.option("--plain-http", multiple=True, metavar="LIST", help="Endpoints to reach over plain HTTP.")
 @click.option("--insecure", multiple=True, metavar="LIST", help="Endpoints to reach over HTTPS without verification.")
 @click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME", help="Stored pull secret to use.")
+@timeout_option
 @wait_options
 @output_option("json", "yaml")
 @pass_ctx
 def cache_create(ctx: Context, name: str, images: tuple[str, ...], size_gib: int, retention_days: int | None,
                  reuse: bool, flash: bool, plain_http: tuple[str, ...], insecure: tuple[str, ...],
-                 pull_secrets: tuple[str, ...], wait: bool, quiet: bool, output: str) -> None:
+                 pull_secrets: tuple[str, ...], timeout: float | None, wait: bool, quiet: bool, output: str) -> None:
     """Create an image cache and build it: pull, check capacity, pack the volume."""
     spec = CacheSpec(list(images), list(pull_secrets), size_gib, retention_days, reuse, flash,
                      list(plain_http), list(insecure))
     created, lease = ctx.caches.create(name, spec)
-    result = run_build(ctx, created, lease, wait, quiet or output != "table")
+    result = run_build(ctx, created, lease, wait, quiet or output != "table", timeout)
     if output == "table" and not wait:
         click.echo(f"imagecache {name} created ({created.id}); building in the background: imc cache get {name}")
         return
@@ -110,10 +114,11 @@ def cache_create(ctx: Context, name: str, images: tuple[str, ...], size_gib: int
 @cache.command("build", hidden=True)
 @click.argument("name")
 @click.option("--lease-fd", type=int, required=True)
+@click.option("--timeout", type=float)
 @pass_ctx
-def cache_build(ctx: Context, name: str, lease_fd: int) -> None:
+def cache_build(ctx: Context, name: str, lease_fd: int, timeout: float | None) -> None:
     """(internal) The detached builder process started by create, update and apply."""
-    ctx.caches.build(name, BuildLease.adopt(lease_fd))
+    ctx.caches.build(name, BuildLease.adopt(lease_fd), timeout=timeout)
 
 
 @cache.command("list")
@@ -163,18 +168,19 @@ def cache_events(ctx: Context, name: str, output: str) -> None:
 @click.option("--plain-http", multiple=True, metavar="LIST")
 @click.option("--insecure", multiple=True, metavar="LIST")
 @click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME")
+@timeout_option
 @wait_options
 @output_option("json", "yaml")
 @pass_ctx
 def cache_update(ctx: Context, name: str, images: tuple[str, ...], retention_days: int | None, no_retention: bool,
-                 plain_http: tuple[str, ...], insecure: tuple[str, ...], pull_secrets: tuple[str, ...], wait: bool,
-                 quiet: bool, output: str) -> None:
+                 plain_http: tuple[str, ...], insecure: tuple[str, ...], pull_secrets: tuple[str, ...],
+                 timeout: float | None, wait: bool, quiet: bool, output: str) -> None:
     """Change images, retention or registry lists of a Ready or UpdateFailed cache."""
     retention: object = None if no_retention else (retention_days if retention_days is not None else UNSET)
     updated, lease = ctx.caches.update(name, list(images) or None, retention, list(plain_http) or None,
                                        list(insecure) or None, list(pull_secrets) or None)
     if lease is not None:
-        updated = run_build(ctx, updated, lease, wait, quiet or output != "table")
+        updated = run_build(ctx, updated, lease, wait, quiet or output != "table", timeout)
     if output == "table" and lease is not None and not wait:
         click.echo(f"imagecache {name} updating in the background: imc cache get {name}")
         return

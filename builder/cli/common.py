@@ -14,6 +14,7 @@ import click
 
 from builder.home import Home
 from builder.registry.auth import Keychain, SecretStore
+from builder.registry.retry import RetryPolicy
 from builder.store import Store
 
 if TYPE_CHECKING:
@@ -196,6 +197,21 @@ def registry_options(f: Callable) -> Callable:
     f = click.option("--plain-http", "plain_http", multiple=True, metavar="LIST",
                      help="Endpoints (host or host:port, comma-separated) to reach over plain HTTP.")(f)
     return f
+
+
+def timeout_option(f: Callable) -> Callable:
+    """``--timeout SECONDS``: the deadline of a command that talks to registries."""
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+                        help="Give up after this many seconds (exit 3). Default: the pull_timeout_seconds "
+                             "setting (0, none). A download that receives nothing for pull_stall_seconds "
+                             "(120) fails sooner.")(f)
+
+
+def retry_policy(ctx: Context, timeout: float | None) -> RetryPolicy:
+    """The retry policy of this command: the home's settings, the deadline from now."""
+    from builder.imagecache import Settings
+
+    return Settings.load(ctx.home.settings).retry_policy(timeout)
 
 
 def make_keychain(ctx: Context, pull_secrets: tuple[str, ...]) -> Keychain:

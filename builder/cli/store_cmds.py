@@ -17,6 +17,8 @@ from builder.cli.common import (
     pass_ctx,
     pull_result_json,
     registry_options,
+    retry_policy,
+    timeout_option,
 )
 from builder.digest import Digest
 from builder.errors import NotFoundLocalError, ValidationError
@@ -33,18 +35,20 @@ from builder.store import Store, layer_usage
 @click.option("-j", "--concurrency", type=click.IntRange(1, 64), default=DEFAULT_CONCURRENCY, show_default=True,
               help="Blobs downloaded in parallel.")
 @registry_options
+@timeout_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @output_option("json", "yaml")
 @pass_ctx
 def pull(ctx: Context, refs: tuple[str, ...], platform: str | None, concurrency: int, plain_http: tuple[str, ...],
-         insecure: tuple[str, ...], ca_file: str | None, pull_secrets: tuple[str, ...], quiet: bool,
-         output: str) -> None:
+         insecure: tuple[str, ...], ca_file: str | None, pull_secrets: tuple[str, ...], timeout: float | None,
+         quiet: bool, output: str) -> None:
     """Pull images into the store, fetching only the blobs it does not hold."""
     references = [parse_reference(r) for r in refs]
     policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
     puller = Puller(ctx.store, policy, make_keychain(ctx, pull_secrets),
                     Platform.parse(platform) if platform else None, concurrency,
-                    on_event=None if quiet or output != "table" else PullProgress())
+                    on_event=None if quiet or output != "table" else PullProgress(),
+                    retry=retry_policy(ctx, timeout))
     started = time.monotonic()
     result = puller.pull(references)
     elapsed = time.monotonic() - started

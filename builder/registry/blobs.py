@@ -81,6 +81,7 @@ def _stream(transport: RegistryTransport, repository: str, digest: Digest, size:
                                      f"{sink.offset} of {size} bytes ({type(e).__name__})") from None
 
         while sink.offset < size:
+            transport.retrier.check_deadline(f"{endpoint}: blob {digest.short} at {sink.offset} of {size} bytes")
             chunk = receive(min(CHUNK, size - sink.offset))
             if not chunk:
                 break

@@ -56,7 +56,7 @@ class RetryPolicy:
     max_backoff: float = 10.0
     max_retry_after: float = 60.0
     timeout: tuple[float, float] = (10.0, 60.0)
-    stall: float = float("inf")
+    stall: float = 120.0
     deadline: Deadline | None = None
 
     def until(self, seconds: float | None) -> RetryPolicy:
@@ -115,14 +115,20 @@ class Retrier:
                     raise self._past_deadline(e) from None
                 self._sleep(delay)
 
+    def check_deadline(self, doing: str) -> None:
+        """Raise ``DeadlineError`` if the deadline passed: for an operation that is
+        still receiving (slowly) and so never fails on its own."""
+        deadline = self.policy.deadline
+        if deadline is not None and self._clock() >= deadline.at:
+            raise DeadlineError(f"{doing}; gave up: the {deadline.seconds:g} s deadline passed")
+
     def _timeout(self, now: float, moved: float) -> tuple[float, float]:
         connect, read = self.policy.timeout
         read = min(read, max(self.policy.stall - (now - moved), 0.0))
         deadline = self.policy.deadline
         if deadline is not None:
+            self.check_deadline("the registry was not done")
             left = deadline.at - now
-            if left <= 0:
-                raise DeadlineError(f"the {deadline.seconds:g} s deadline passed")
             connect, read = min(connect, left), min(read, left)
         return connect, max(read, 0.001)
 

@@ -4,7 +4,8 @@
 blobs of one repository) over HTTP/1.1 with Content-Length, on 127.0.0.1 and a port
 the OS picks. Each request path can be scripted to misbehave: answer with an error
 status a number of times, cut a blob short and drop the connection (``Truncate``) or
-reset it (``Reset``: a TCP RST), stop sending mid-body (``Stall``), send corrupt bytes
+reset it (``Reset``: a TCP RST), stop sending mid-body (``Stall``), send the body a
+byte at a time (``Trickle``), send corrupt bytes
 or a wrong ``Docker-Content-Digest``, redirect to another server, ignore ``Range``,
 or wait for a test's signal. Every request is recorded (method, path, headers, and
 ``at``, its ``time.monotonic()`` arrival) so tests can assert on what the client
@@ -147,7 +148,17 @@ class Stall:
     timeout: float = 30.0
 
 
-Fault = Status | Truncate | Corrupt | WrongDigest | IgnoreRange | NoLength | Redirect | Hold | Reset | Stall
+@dataclass(frozen=True)
+class Trickle:
+    """Send the headers, then the body one byte at a time, one every ``every`` seconds
+    (the first at once), until the body ends, the client goes away or ``event`` is set:
+    a server that keeps making progress, too slowly to finish."""
+
+    event: threading.Event
+    every: float
+
+
+Fault = Status | Truncate | Corrupt | WrongDigest | IgnoreRange | NoLength | Redirect | Hold | Reset | Stall | Trickle
 
 
 # -- records and content -----------------------------------------------------------------
@@ -511,6 +522,16 @@ class FaultServer:
         elif isinstance(fault, Stall):
             self._send(h, method, status, data, out_headers, cut_after=fault.after)
             fault.event.wait(fault.timeout)
+        elif isinstance(fault, Trickle):
+            self._send(h, method, status, data, out_headers, cut_after=0)
+            try:
+                for i in range(len(data)):
+                    h.wfile.write(data[i:i + 1])
+                    h.wfile.flush()
+                    if fault.event.wait(fault.every):
+                        break
+            except OSError:
+                pass  # the client gave up on us
         elif isinstance(fault, NoLength):
             self._send(h, method, status, data, out_headers, with_length=False)
         else:
