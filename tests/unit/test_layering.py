@@ -44,7 +44,8 @@ def builder_imports(path: Path) -> set[str]:
             for alias in node.names:
                 sub = f"{base}.{alias.name}" if base else alias.name
                 # ``from builder.registry import blobs`` imports the module registry.blobs
-                is_module = (PACKAGE / Path(*sub.split("."))).with_suffix(".py").exists()
+                where = PACKAGE / Path(*sub.split("."))
+                is_module = where.with_suffix(".py").exists() or (where / "__init__.py").exists()
                 out.add(sub if is_module else base)
         elif isinstance(node, ast.Import):
             out |= {a.name[len("builder."):] for a in node.names if a.name.startswith("builder.")}
