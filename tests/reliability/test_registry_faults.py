@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import itertools
 import os
 import random
 import subprocess
@@ -263,9 +262,7 @@ def test_500_burst_then_success_backs_off_and_the_cache_is_ready(tmp_path: Path)
         result = build_from(tmp_path, srv)
         gets = srv.requests_to(path)
     assert_ready_and_clean(tmp_path, result, list(image.blobs))
-    assert len(gets) == 4
-    gaps = [b.at - a.at for a, b in itertools.pairwise(gets)]
-    assert gaps[0] >= 0.5 and gaps[1] >= 1.0 and gaps[2] >= 2.0  # exponential backoff, each honoured
+    assert len(gets) == 4  # the waits between them are full-jitter draws (tests/unit/test_transport.py)
 
 
 # -- redirects: credentials stay with the registry ---------------------------------------------------------------
