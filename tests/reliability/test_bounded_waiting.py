@@ -45,7 +45,7 @@ def puller(srv: FaultServer, store: Store, retry: RetryPolicy) -> Puller:
 
 
 def partial_size(store: Store, digest: str) -> int | None:
-    path = store.ingest_dir / f"sha256-{digest[7:]}.partial"
+    path = store.home.ingest_partial(Digest.parse(digest))
     return path.stat().st_size if path.exists() else None
 
 
@@ -107,7 +107,7 @@ def test_a_stall_after_90_percent_resumes_from_the_kept_offset(tmp_path: Path, r
     assert result.blobs_fetched == 2
     digest, size = hash_file(str(store.blob_path(Digest.parse(victim.digest))))
     assert (str(digest), size) == (victim.digest, len(data))
-    assert list(store.ingest_dir.iterdir()) == []
+    assert list(store.home.ingest.iterdir()) == []
 
 
 def imc(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
