@@ -41,8 +41,8 @@ from builder.matcher import Entry, MatchRequest, rank
 from builder.oci import INDEX_TYPES, MANIFEST_TYPES, Index
 from builder.pull import Puller
 from builder.registry.auth import Keychain
-from builder.registry.client import RetryPolicy
 from builder.registry.hosts import HostPolicy
+from builder.registry.retry import RetryPolicy
 from builder.store import Store
 from builder.volume import Volume
 
