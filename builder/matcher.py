@@ -43,6 +43,7 @@ from builder.imagecache import (
     rfc3339,
     validate_name,
 )
+from builder.registry.auth import SecretStore
 from builder.registry.hosts import parse_endpoint_list
 
 AUTO_PREFIX = "auto-create-for-"
@@ -354,7 +355,25 @@ def request_from_pod(obj: Any, instance_id: str | None = None) -> MatchRequest:
     insecure = sorted(parse_endpoint_list(_string(annotations, A_INSECURE)))
     instance = instance_id or metadata.get("name") or top.get("name")
     return MatchRequest(tuple(images), total, cache_id.strip() if cache_id else None, auto, instance,
-                        tuple(warnings), tuple(plain_http), tuple(insecure))
+                        tuple(warnings), tuple(plain_http), tuple(insecure),
+                        _pull_secrets(spec, top.get("namespace"), where))
+
+
+def _pull_secrets(spec: dict[str, Any], namespace: Any, where: str) -> tuple[str, ...]:
+    """The pod's ``imagePullSecrets`` (``[{name: …}]``) as ``namespace:name`` in the
+    object's namespace (``default`` when it names none), for the automatic cache."""
+    entries = spec.get("imagePullSecrets") or []
+    if not isinstance(entries, list):
+        raise ValidationError(f"{where}.imagePullSecrets: want a list of {{name: …}}")
+    refs = []
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ValidationError(f"{where}.imagePullSecrets[{i}]: want {{name: SECRET}}")
+        ref = f"{namespace or 'default'}:{name}"
+        SecretStore.split_name(ref)
+        refs.append(ref)
+    return tuple(dict.fromkeys(refs))
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:

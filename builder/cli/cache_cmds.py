@@ -39,6 +39,7 @@ from builder.imagecache import (
     Settings,
     spec_from_object,
 )
+from builder.registry.auth import pull_secret_from_object
 from builder.volume import Volume
 
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -220,11 +221,13 @@ def load_documents(path: str) -> list[Any]:
 
 
 @click.command()
-@click.option("-f", "--filename", required=True, help="YAML or JSON file with ImageCache objects ('-' for stdin).")
+@click.option("-f", "--filename", required=True,
+              help="YAML or JSON file with ImageCache objects and pull Secrets ('-' for stdin).")
 @wait_options
 @pass_ctx
 def apply(ctx: Context, filename: str, wait: bool, quiet: bool) -> None:
-    """Create or update the ImageCache objects in a file (several documents allowed).
+    """Create or update the ImageCache objects in a file (several documents allowed),
+    and store the pull Secrets in it (as kubectl prints them) before any cache needs them.
 
     Every document is validated before any is applied, so a bad file changes nothing.
     """
@@ -232,11 +235,19 @@ def apply(ctx: Context, filename: str, wait: bool, quiet: bool) -> None:
     if not documents:
         raise ValidationError(f"{filename} holds no documents")
     parsed = []
+    pull_secrets = []
     for i, doc in enumerate(documents, 1):
         try:
-            parsed.append(spec_from_object(doc))
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                pull_secrets.append(pull_secret_from_object(doc, filename))
+            else:
+                parsed.append(spec_from_object(doc))
         except ValidationError as e:
             raise ValidationError(f"document {i}: {e.message}") from None
+    for ref, auths in pull_secrets:
+        assert ref is not None  # a Secret document always names itself
+        ctx.secrets.store(ref, auths)
+        click.echo(f"secret {ref} stored for {', '.join(sorted(auths))}")
     caches = ctx.caches
     for name, spec, no_effect in parsed:
         existing = {c.name for c in caches.list()}

@@ -25,6 +25,7 @@ from builder.errors import NotFoundLocalError, ValidationError
 from builder.oci import Platform, layer_compression
 from builder.pull import DEFAULT_CONCURRENCY, Puller
 from builder.reference import parse as parse_reference
+from builder.registry.auth import SecretStore, pull_secret_from_object
 from builder.registry.hosts import HostPolicy, parse_endpoint, parse_endpoint_list
 from builder.store import Store, layer_usage
 
@@ -170,12 +171,33 @@ def secret() -> None:
 
 @secret.command("create")
 @click.argument("name", metavar="NAMESPACE:NAME")
-@click.option("--registry", required=True, help="The registry endpoint (host or host:port).")
-@click.option("--username", required=True)
-@click.option("--password-stdin", is_flag=True, required=True, help="Read the password from standard input.")
+@click.option("--from-file", "from_file", metavar="FILE",
+              help="A Kubernetes Secret (kubernetes.io/dockerconfigjson or dockercfg) or a docker config.json, "
+                   "with credentials for one or more registries ('-' for stdin).")
+@click.option("--registry", help="The registry endpoint (host or host:port).")
+@click.option("--username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 @pass_ctx
-def secret_create(ctx: Context, name: str, registry: str, username: str, password_stdin: bool) -> None:
-    """Store credentials for a registry under NAMESPACE:NAME."""
+def secret_create(ctx: Context, name: str, from_file: str | None, registry: str | None, username: str | None,
+                  password_stdin: bool) -> None:
+    """Store credentials under NAMESPACE:NAME: for one registry (--registry, --username,
+    --password-stdin), or as a Secret or config.json file holds them (--from-file)."""
+    if from_file is not None:
+        if registry or username or password_stdin:
+            raise ValidationError("--from-file takes the credentials from the file: drop --registry, --username "
+                                  "and --password-stdin")
+        from builder.cli.cache_cmds import load_documents  # YAML loading, only for this form
+
+        SecretStore.split_name(name)
+        documents = load_documents(from_file)
+        if len(documents) != 1:
+            raise ValidationError(f"{from_file}: want one Secret or config.json, found {len(documents)} documents")
+        _, auths = pull_secret_from_object(documents[0], from_file)
+        ctx.secrets.store(name, auths)
+        click.echo(f"secret {name} stored for {', '.join(sorted(auths))}")
+        return
+    if registry is None or username is None or not password_stdin:
+        raise ValidationError("give --registry, --username and --password-stdin, or --from-file")
     endpoint = parse_endpoint(registry, "--registry")
     password = sys.stdin.readline().rstrip("\r\n")
     if not password:

@@ -23,11 +23,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from builder.errors import AuthError, ValidationError
 
 DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
-_SECRET_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+# Kubernetes rules: a namespace is a DNS-1123 label, a Secret's name a DNS-1123
+# subdomain (labels joined by dots, at most 253 characters).
+_SECRET_NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+_SECRET_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+SECRET_NAME_MAX = 253
+# Secret types that hold registry credentials, and the data key each keeps them under.
+SECRET_TYPES = {"kubernetes.io/dockerconfigjson": ".dockerconfigjson", "kubernetes.io/dockercfg": ".dockercfg"}
 
 
 @dataclass(frozen=True)
@@ -140,11 +147,15 @@ class SecretStore:
 
     @staticmethod
     def split_name(ref: str) -> tuple[str, str]:
-        """Validate ``namespace:name`` (each a DNS-1123 label)."""
+        """Validate ``namespace:name`` as Kubernetes names them: the namespace a DNS-1123
+        label, the name a DNS-1123 subdomain (dots allowed)."""
         namespace, sep, name = ref.partition(":")
-        if not sep or not _SECRET_NAME_RE.match(namespace) or not _SECRET_NAME_RE.match(name):
+        if (not sep or not _SECRET_NAMESPACE_RE.match(namespace) or not _SECRET_NAME_RE.match(name)
+                or len(name) > SECRET_NAME_MAX):
+            shown = repr(ref) if len(ref) <= 300 else repr(ref[:300]) + "…"
             raise ValidationError(
-                f"invalid pull secret {ref!r}: want namespace:name, lowercase letters, digits and '-'"
+                f"invalid pull secret {shown}: want namespace:name, lowercase letters, digits and '-' "
+                "(and '.' in the name), as Kubernetes names a Secret"
             )
         return namespace, name
 
@@ -153,11 +164,16 @@ class SecretStore:
         return self.root / namespace / f"{name}.json"
 
     def create(self, ref: str, registry: str, username: str, password: str) -> Path:
-        """Write (or replace) a secret atomically, readable by its owner only."""
+        """Write (or replace) a secret for one registry, readable by its owner only."""
+        auth = base64.b64encode(f"{username}:{password}".encode()).decode()
+        return self.store(ref, {_endpoint_key(registry): {"auth": auth}})
+
+    def store(self, ref: str, auths: dict[str, dict[str, str]]) -> Path:
+        """Write (or replace) a secret holding credentials for one or more registries
+        (``auths`` as :func:`registry_auths` returns it), atomically, mode 0600."""
         path = self.path(ref)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        auth = base64.b64encode(f"{username}:{password}".encode()).decode()
-        doc = json.dumps({"auths": {_endpoint_key(registry): {"auth": auth}}})
+        doc = json.dumps({"auths": auths})
         tmp = path.with_suffix(".tmp")
         # A new file, never through a link planted there (nor a leftover that keeps its mode).
         tmp.unlink(missing_ok=True)
@@ -199,6 +215,81 @@ class SecretStore:
             return True
         except FileNotFoundError:
             return False
+
+
+_AUTH_FIELDS = ("auth", "username", "password", "identitytoken")
+
+
+def registry_auths(obj: Any, origin: str) -> dict[str, dict[str, str]]:
+    """The ``auths`` map of a config.json (or the whole of a legacy ``.dockercfg``),
+    checked: at least one registry, each entry with usable credentials. Only the
+    credential fields are kept: a stored secret never names a credential helper, so a
+    file cannot make imc run a program. Errors name the registry, never a credential."""
+    if not isinstance(obj, dict) or not obj:
+        raise ValidationError(f"{origin}: no registry credentials (want an 'auths' map of registry to credentials)")
+    out: dict[str, dict[str, str]] = {}
+    for server, entry in obj.items():
+        key = _endpoint_key(str(server))
+        if not key or not isinstance(entry, dict):
+            raise ValidationError(f"{origin}: registry {str(server)[:200]!r}: want an object with auth, or "
+                                  "username and password")
+        kept = {f: entry[f] for f in _AUTH_FIELDS if isinstance(entry.get(f), str) and entry[f]}
+        try:
+            usable = _from_auth_entry(kept)
+        except ValidationError as e:
+            raise ValidationError(f"{origin}: registry {key}: {e.message}") from None
+        if usable is None:
+            raise ValidationError(f"{origin}: registry {key} has no credentials (want auth, or username and "
+                                  "password, or identitytoken)")
+        out[key] = kept
+    return out
+
+
+def pull_secret_from_object(obj: Any, origin: str) -> tuple[str | None, dict[str, dict[str, str]]]:
+    """A pull secret from a parsed document: a Kubernetes Secret of type
+    ``kubernetes.io/dockerconfigjson`` or ``kubernetes.io/dockercfg`` (exactly what
+    ``kubectl create secret docker-registry … --dry-run=client -o yaml`` prints, or with
+    ``stringData``), or a plain docker ``config.json``. Returns the Secret's
+    ``namespace:name`` (namespace ``default`` when absent; None for a config.json) and
+    its credentials by registry."""
+    if not isinstance(obj, dict):
+        raise ValidationError(f"{origin}: not an object (want a Secret or a docker config.json)")
+    if obj.get("kind") != "Secret":
+        if "auths" in obj:
+            return None, registry_auths(obj["auths"], origin)
+        raise ValidationError(f"{origin}: want a Secret of type kubernetes.io/dockerconfigjson or a docker "
+                              "config.json with 'auths'")
+    if obj.get("apiVersion") != "v1":
+        raise ValidationError(f"{origin}: Secret apiVersion: want v1, got {obj.get('apiVersion')!r}")
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValidationError(f"{origin}: Secret metadata must be an object")
+    ref = f"{metadata.get('namespace') or 'default'}:{metadata.get('name') or ''}"
+    SecretStore.split_name(ref)
+    secret_type = obj.get("type")
+    key = SECRET_TYPES.get(secret_type)  # type: ignore[arg-type]
+    if key is None:
+        raise ValidationError(f"{origin}: Secret {ref} has type {secret_type!r}: want "
+                              f"{' or '.join(SECRET_TYPES)}")
+    data, string_data = obj.get("data") or {}, obj.get("stringData") or {}
+    if not isinstance(data, dict) or not isinstance(string_data, dict):
+        raise ValidationError(f"{origin}: Secret {ref}: data and stringData must be maps")
+    if isinstance(string_data.get(key), str):
+        text = string_data[key]
+    elif isinstance(data.get(key), str):
+        try:
+            text = base64.b64decode(data[key], validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise ValidationError(f"{origin}: Secret {ref}: data.{key} is not base64 of UTF-8 text") from None
+    else:
+        raise ValidationError(f"{origin}: Secret {ref} has no data.{key}")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise ValidationError(f"{origin}: Secret {ref}: {key} is not JSON") from None
+    if key == ".dockerconfigjson":
+        doc = doc.get("auths") if isinstance(doc, dict) else None
+    return ref, registry_auths(doc, f"{origin}: Secret {ref}")
 
 
 class Keychain:

@@ -370,7 +370,8 @@ def test_secret_store_refuses_a_symlink_and_a_missing_secret(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["noseparator", "ns:", ":name", "NS:name", "ns:na_me", "ns:-name", "ns:name-",
-                                 "ns:a/b", "../x:y", "ns:name\n", "ns:" + "a" * 64, "a:b:c"])
+                                 "ns:a/b", "../x:y", "ns:name\n", "ns:" + "a" * 254, "a" * 64 + ":name",
+                                 "ns.x:name", "ns:a..b", "ns:.a", "ns:a.", "ns:a.-b", "a:b:c"])
 def test_secret_store_invalid_names(tmp_path, bad):
     store = SecretStore(tmp_path)
     with pytest.raises(ValidationError) as info:
