@@ -36,7 +36,7 @@ from builder import reference
 from builder.caches import Caches
 from builder.digest import Digest
 from builder.errors import BadReferenceError, ImcError, NotFoundLocalError, ValidationError
-from builder.imagecache import READY, UPDATE_FAILED, UPDATING, ImageCache
+from builder.imagecache import READY, UPDATE_FAILED, UPDATING, ImageCache, Settings
 from builder.matcher import Entry, MatchRequest, rank
 from builder.oci import INDEX_TYPES, MANIFEST_TYPES, Index
 from builder.pull import Puller
@@ -51,7 +51,8 @@ _RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 _PATH_RE = re.compile(r"^/v2/(.+)/(manifests|blobs|tags)/([^/]+)$")
 INDEX_TTL = 2.0
 FORCED_REFRESH_GAP = 0.25
-PULL_THROUGH_RETRY = RetryPolicy(attempts=3, timeout=(3.0, 60.0))
+PULL_THROUGH_ATTEMPTS = 3
+PULL_THROUGH_TIMEOUT = (3.0, 60.0)
 """Pull-through answers a waiting client: a few seconds to connect, and few attempts."""
 PULLED_TOUCH_EVERY = 3600.0
 """Seconds between records of a pulled-through blob's use (each is a file write)."""
@@ -436,7 +437,7 @@ class RegistryEndpoint:
 
         def pull() -> int | None:
             try:
-                fetched = puller.pull([ref]).bytes_fetched
+                fetched = self._bounded(puller).pull([ref]).bytes_fetched
             except ImcError:
                 return None
             self.index.refresh(force=True)
@@ -456,7 +457,7 @@ class RegistryEndpoint:
         registry = self._registry_for(ns, work)
         if registry is None or self.pull_through is None:
             return None
-        client = self.pull_through.registry(reference.parse(f"{registry}/{name}").api_host)
+        puller = self.pull_through
         store = self.caches.store
         work.upstream = True
         fetched = 0
@@ -464,6 +465,7 @@ class RegistryEndpoint:
         def fetch() -> Blob | None:
             nonlocal fetched
             try:
+                client = self._bounded(puller).registry(reference.parse(f"{registry}/{name}").api_host)
                 with store.pinning():
                     size = client.blob_size(name, digest)
                     if store.ensure_blob(digest, size, lambda sink: client.fetch_blob(name, digest, size, sink)):
@@ -479,6 +481,11 @@ class RegistryEndpoint:
         if led:
             work.upstream_bytes += fetched
         return blob
+
+    def _bounded(self, puller: Puller) -> Puller:
+        """The puller under this pull-through's bounds, its deadline counted from now, so
+        that a stalled upstream holds a server thread no longer than the settings allow."""
+        return puller.with_retry(pull_through_retry(self.caches.settings))
 
     def upstream_waiters(self) -> int:
         """Requests waiting right now for a pull-through another request started."""
@@ -554,11 +561,19 @@ class _Flights(Generic[T]):
                 del self._running[key]
 
 
+def pull_through_retry(settings: Settings) -> RetryPolicy:
+    """How one pull-through may wait: the settings' stall limit and overall deadline
+    (``pull_timeout_seconds``, counted from now), a short connect timeout and few
+    attempts, since a client is waiting for the answer."""
+    return dataclasses.replace(settings.retry_policy(), attempts=PULL_THROUGH_ATTEMPTS, timeout=PULL_THROUGH_TIMEOUT)
+
+
 def pull_through_puller(store: Store, policy: HostPolicy, keychain: Keychain) -> Puller:
-    """The puller ``imc serve --pull-through`` uses: it answers a waiting client, so a
-    short connect timeout and few attempts, and since any client may trigger it, no
-    redirect from a public upstream into the local network."""
-    return Puller(store, dataclasses.replace(policy, internal_redirects=False), keychain, retry=PULL_THROUGH_RETRY)
+    """The puller ``imc serve --pull-through`` uses: since any client may trigger it,
+    no redirect from a public upstream into the local network. Each pull-through runs
+    it under ``pull_through_retry`` (``Puller.with_retry``)."""
+    return Puller(store, dataclasses.replace(policy, internal_redirects=False), keychain,
+                  retry=pull_through_retry(Settings()))
 
 
 def _valid_registry(text: str) -> bool:

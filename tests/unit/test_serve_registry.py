@@ -14,16 +14,17 @@ import io
 import json
 import socket
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.faultserver import FaultServer
+from support.faultserver import FaultServer, Hold, Stall
 
 from builder.caches import Caches
 from builder.digest import Digest
 from builder.errors import TransportError, ValidationError
-from builder.imagecache import CacheSpec
+from builder.imagecache import CacheSpec, Settings
 from builder.oci import OCI_MANIFEST, Descriptor
 from builder.registry.auth import Keychain
 from builder.registry.hosts import HostPolicy, is_internal
@@ -399,3 +400,40 @@ def test_pull_through_refuses_a_redirect_from_a_public_upstream_to_a_private_add
     followed = get(pulling(caches, upstream.endpoint), f"/v2/test/app/blobs/{digest}")
     assert followed.status == 200 and body(followed) == layer
     assert other_server.count(other_server.blob_path(digest)) == 1
+
+
+# -- bounded upstream work -------------------------------------------------------------------
+
+
+def test_a_stalled_upstream_blob_is_given_up_after_the_stall_limit(caches: Caches, upstream: FaultServer) -> None:
+    """The upstream answers the blob GET with its headers, then nothing for ten minutes; with
+    ``pull_stall_seconds`` at 1 the request is answered 404 long before that."""
+    Settings(pull_stall_seconds=1).save(caches.home.settings)
+    layer = tar_gz("f", bytes(range(256)) * 400)
+    digest = upstream.add_blob(layer).digest
+    never, at_once = threading.Event(), threading.Event()
+    at_once.set()
+    upstream.script(upstream.blob_path(digest), Hold(at_once))  # the HEAD is answered
+    upstream.always(upstream.blob_path(digest), Stall(never, timeout=600))  # every GET: headers, then nothing
+    try:
+        reply = get(pulling(caches, upstream.endpoint), f"/v2/test/app/blobs/{digest}")
+        assert (reply.status, code(reply)) == (404, "BLOB_UNKNOWN")
+        assert upstream.count(upstream.blob_path(digest)) == 1  # gave up on the first stall, no retry
+        assert not caches.store.has(Digest.parse(digest))
+    finally:
+        never.set()
+
+
+def test_a_pull_through_ends_at_the_deadline(caches: Caches, upstream: FaultServer) -> None:
+    """The upstream holds the manifest request for ten minutes; with
+    ``pull_timeout_seconds`` at 1 the request is answered 404 long before that."""
+    Settings(pull_timeout_seconds=1).save(caches.home.settings)
+    upstream.add_image([tar_gz("g", b"held")], tag="held")
+    never = threading.Event()
+    upstream.always(upstream.manifest_path("held"), Hold(never, timeout=600))
+    try:
+        reply = get(pulling(caches, upstream.endpoint), "/v2/test/app/manifests/held")
+        assert (reply.status, code(reply)) == (404, "MANIFEST_UNKNOWN")
+        assert upstream.count(upstream.manifest_path("held")) == 1  # no attempt after the deadline
+    finally:
+        never.set()
