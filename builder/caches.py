@@ -72,6 +72,7 @@ from builder.store import Store
 from builder.volume import PackProgress, Volume
 
 UNSET = object()
+STALE = "the object has been modified; please apply your changes to the latest version and try again"
 
 
 class BuildLease:
@@ -248,6 +249,11 @@ class Caches:
     def list(self) -> list[ImageCache]:
         return [self._reconcile(c) for c in self.db.list()]
 
+    def revision(self) -> int:
+        """A number that changes with every write to any record (a cache's
+        ``resource_version`` is its value at that cache's last write): what a watcher polls."""
+        return self.db.revision()
+
     def _reconcile(self, cache: ImageCache) -> ImageCache:
         if cache.phase not in BUILDING and cache.volume_state != "packing":
             return cache
@@ -292,10 +298,12 @@ class Caches:
 
     def update(self, name: str, images: list[str] | None = None, retention_days: object = UNSET,
                plain_http: list[str] | None = None, insecure: list[str] | None = None,
-               pull_secrets: list[str] | None = None) -> tuple[ImageCache, BuildLease | None]:
+               pull_secrets: list[str] | None = None, annotations: dict[str, str] | None = None,
+               resource_version: int | None = None) -> tuple[ImageCache, BuildLease | None]:
         """Change a Ready (or UpdateFailed) cache. A change of images needs a rebuild:
         the cache goes Updating and the caller builds it with the returned lease, while
-        the previous volume (or flash staging copy) keeps serving."""
+        the previous volume (or flash staging copy) keeps serving. ``resource_version``:
+        change it only if no write came after that version (else CacheStateError)."""
         current = self.get(name)
         if current.phase not in (READY, UPDATE_FAILED):
             raise CacheStateError(f"image cache {name} is {current.phase}: updates are allowed only in "
@@ -307,6 +315,7 @@ class Caches:
             plain_http=plain_http if plain_http is not None else current.spec.plain_http,
             insecure=insecure if insecure is not None else current.spec.insecure,
             image_pull_secrets=pull_secrets if pull_secrets is not None else current.spec.image_pull_secrets,
+            annotations=annotations if annotations is not None else current.spec.annotations,
         ).validated()
         for secret in spec.image_pull_secrets:
             self.secrets.load(secret)
@@ -317,6 +326,8 @@ class Caches:
         lease = BuildLease(self._lease_path(current.id)) if rebuild else None
 
         def apply(cache: ImageCache) -> None:
+            if resource_version is not None and cache.resource_version != resource_version:
+                raise CacheStateError(STALE)
             if cache.phase not in (READY, UPDATE_FAILED):
                 raise CacheStateError(f"image cache {name} is {cache.phase}: updates are allowed only in "
                                       f"{READY} or {UPDATE_FAILED}")

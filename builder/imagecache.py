@@ -13,12 +13,14 @@ Validation happens before anything is written: a spec that breaks a rule raises
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import re
 import secrets
 import sqlite3
 import string
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -274,6 +276,8 @@ class ImageCache:
     unpacked_bytes: int = 0
     message: str = ""
     generation: int = 0
+    resource_version: int = 0
+    spec_generation: int = 1
 
     # -- state --------------------------------------------------------------------
 
@@ -315,6 +319,18 @@ class ImageCache:
             return "staging"
         return None
 
+    @property
+    def uid(self) -> str:
+        """``metadata.uid``: a UUID, derived from the id (unique, stable for the cache's
+        life), so records written before it existed have one too."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"imc:{self.id}"))
+
+    @property
+    def observed_generation(self) -> int:
+        """The spec generation the status describes: the previous one while a build for
+        the current spec is running, else the current one."""
+        return self.spec_generation - 1 if self.phase in BUILDING else self.spec_generation
+
     # -- persistence form ---------------------------------------------------------
 
     def to_doc(self) -> dict[str, Any]:
@@ -348,7 +364,8 @@ class ImageCache:
             annotations[A_PLAIN_HTTP] = ",".join(self.spec.plain_http)
         if self.spec.insecure:
             annotations[A_INSECURE] = ",".join(self.spec.insecure)
-        metadata: dict[str, Any] = {"name": self.name, "uid": self.id, "creationTimestamp": self.created}
+        metadata: dict[str, Any] = {"name": self.name, "uid": self.uid, "resourceVersion": str(self.resource_version),
+                                    "generation": self.spec_generation, "creationTimestamp": self.created}
         if annotations:
             metadata["annotations"] = annotations
         if self.auto:
@@ -357,6 +374,7 @@ class ImageCache:
             "phase": self.phase,
             "progress": f"{self.progress}%",
             "imageCacheId": self.id,
+            "observedGeneration": self.observed_generation,
             "startTime": self.start_time,
             "lastUpdatedTime": self.last_updated,
             "expireDateTime": self.expire,
@@ -496,6 +514,11 @@ class CacheDB:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS caches (name TEXT PRIMARY KEY, id TEXT UNIQUE NOT NULL, "
                        "auto INTEGER NOT NULL, doc TEXT NOT NULL)")
+            # One counter for every write (insert, update, delete): a record carries the
+            # value of its last write as its resourceVersion, and a watcher polls it.
+            db.execute("CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 0), "
+                       "n INTEGER NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO revision VALUES (0, 0)")
             exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='match_index'").fetchone()
         if not exists:
             self._create_match_index()
@@ -575,6 +598,16 @@ class CacheDB:
                 raise
             db.execute("COMMIT")
 
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> int:
+        db.execute("UPDATE revision SET n = n + 1")
+        return int(db.execute("SELECT n FROM revision").fetchone()[0])
+
+    def revision(self) -> int:
+        """The count of writes so far: it changes whenever any record does."""
+        with self._connect() as db:
+            return int(db.execute("SELECT n FROM revision").fetchone()[0])
+
     def insert(self, cache: ImageCache, quota: int) -> None:
         """Add a new record, unless the name is taken or the kind's quota is full."""
         with self._transaction() as db:
@@ -584,6 +617,7 @@ class CacheDB:
             if count >= quota:
                 kind = "automatic" if cache.auto else "manual"
                 raise QuotaError(f"quota exceeded: {count} {kind} image caches exist, the maximum is {quota}")
+            cache.resource_version = self._bump(db)
             db.execute("INSERT INTO caches (name, id, auto, doc) VALUES (?, ?, ?, ?)",
                        (cache.name, cache.id, int(cache.auto), json.dumps(cache.to_doc())))
             self._index(db, cache)
@@ -615,7 +649,11 @@ class CacheDB:
                 raise NotFoundLocalError(f"image cache {name!r} does not exist")
             cache = ImageCache.from_doc(json.loads(row[0]))
             before = self._match_rows(cache)
+            spec = copy.deepcopy(cache.spec)
             change(cache)
+            if cache.spec != spec:
+                cache.spec_generation += 1
+            cache.resource_version = self._bump(db)
             db.execute("UPDATE caches SET doc=? WHERE name=?", (json.dumps(cache.to_doc()), name))
             self._index(db, cache, before)
             return cache
@@ -627,5 +665,6 @@ class CacheDB:
             if row is None:
                 raise NotFoundLocalError(f"image cache {name!r} does not exist")
             db.execute("DELETE FROM caches WHERE name=?", (name,))
+            self._bump(db)
             db.execute("DELETE FROM match_index WHERE name=?", (name,))
             return ImageCache.from_doc(json.loads(row[0]))

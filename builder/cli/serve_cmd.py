@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import click
 import yaml
@@ -31,11 +32,14 @@ def _interrupt(signum: int, frame: object) -> None:
                    "?ns= must name one exactly; without ?ns= the first is used.")
 @click.option("--sweep-interval", type=float, default=3600.0, show_default=True,
               help="Seconds between sweeps of expired caches (0: never).")
+@click.option("--api-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A file holding the bearer token the ImageCache API asks every client for (without it, "
+                   "the API answers loopback clients only).")
 @registry_options
 @pass_ctx
 def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, upstreams: tuple[str, ...],
-          sweep_interval: float, plain_http: tuple[str, ...], insecure: tuple[str, ...], ca_file: str | None,
-          pull_secrets: tuple[str, ...]) -> None:
+          sweep_interval: float, api_token_file: Path | None, plain_http: tuple[str, ...], insecure: tuple[str, ...],
+          ca_file: str | None, pull_secrets: tuple[str, ...]) -> None:
     """Serve pulls from the caches (read-only OCI registry) and the ImageCache API.
 
     \b
@@ -46,7 +50,8 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
       naming any other registry is answered 404 at once, and a redirect from a public
       upstream to a loopback, link-local or private address is refused;
     - the ImageCache API builds the caches it is sent, pulling their images from
-      the registries they name (as imc cache create does).
+      the registries they name (as imc cache create does); with --api-token-file,
+      only for clients that bear its token.
     """
     address = parse_listen(listen, allow_remote)
     listed = [e for item in upstreams for part in item.split(",") for e in sorted(parse_endpoint_list(part))]
@@ -57,7 +62,8 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
                                   "(a client of imc serve must not choose where it connects)")
         policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
         puller = pull_through_puller(ctx.store, policy, make_keychain(ctx, pull_secrets))
-    server = Server(ctx.caches, address, puller, listed, sweep_interval)
+    token = read_token(api_token_file) if api_token_file else None
+    server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token)
     signal.signal(signal.SIGTERM, _interrupt)
     click.echo(f"serving on http://{server.address}  (registry: /v2/, API: /apis/eci.alibabacloud.com/v1/imagecaches)",
                err=True)
@@ -67,10 +73,23 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
         click.echo("stopped", err=True)
 
 
+def read_token(path: Path) -> str:
+    """The API token: the file's one line, at least 16 characters, never echoed."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValidationError(f"--api-token-file {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise ValidationError(f"--api-token-file {path}: want one line of at least 16 printable characters, no spaces")
+    return token
+
+
 @click.command()
 @click.option("--listen", default="127.0.0.1:5050", show_default=True,
               help="The address imc serve listens on.")
-def kubeconfig(listen: str) -> None:
+@click.option("--api-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The token file imc serve was given: kubectl sends its token.")
+def kubeconfig(listen: str, api_token_file: Path | None) -> None:
     """Print a kubeconfig for kubectl to manage the caches through imc serve at --listen."""
     host, port = parse_listen(listen, allow_remote=True)
     if port == 0:
@@ -78,4 +97,5 @@ def kubeconfig(listen: str) -> None:
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # every address: reach it on loopback
     server = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    click.echo(yaml.safe_dump(kubeconfig_document(server), sort_keys=False), nl=False)
+    token = read_token(api_token_file) if api_token_file else None
+    click.echo(yaml.safe_dump(kubeconfig_document(server, token), sort_keys=False), nl=False)

@@ -9,10 +9,14 @@ The answers follow the Kubernetes API conventions, so ``kubectl``-minded users a
 clients meet what they expect:
 
     POST   PREFIX          create (YAML or JSON body)   201 ImageCache
-    GET    PREFIX          list                         200 ImageCacheList
+    GET    PREFIX          list                         200 ImageCacheList (a Table if asked)
+    GET    PREFIX?watch=1  watch                        200 watch events, one JSON line each
     GET    PREFIX/{name}   read                         200 ImageCache
+    PUT    PREFIX/{name}   replace the spec             200 ImageCache
+    PATCH  PREFIX/{name}   merge, JSON or apply patch   200 ImageCache
     DELETE PREFIX/{name}   delete                       200 Status (Success)
 
+with discovery, the version and the OpenAPI schema beside them (builder.server.discovery),
 and every error is a ``Status`` object with ``status: Failure``, a ``reason`` and the
 HTTP ``code``. A refused request changes nothing: a body is parsed and validated in
 full before ``Caches.create`` is called, and a name taken from the path is checked
@@ -25,10 +29,14 @@ record's status and progress then move as the build goes, and GET shows them.
 
 from __future__ import annotations
 
+import copy
+import hmac
+import ipaddress
 import json
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
@@ -37,7 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 from yaml.composer import ComposerError
 
-from builder.caches import BuildLease, Caches
+from builder.caches import STALE, BuildLease, Caches
 from builder.errors import (
     CacheStateError,
     ImcError,
@@ -57,6 +65,7 @@ from builder.imagecache import (
     validate_name,
 )
 from builder.server.discovery import GROUP, KIND, LIST_KIND, RESOURCE, documents, table, wants_table
+from builder.server.patch import PatchError, json_patch, merge_patch, unknown_fields
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,16 @@ MAX_MESSAGE_CHARS = 1024
 JSON = "application/json"
 YAML = "application/yaml"
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
+JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, APPLY_PATCH)
+MAX_WATCHES = 32
+"""Watches open at once; each holds a connection (a thread) for up to MAX_WATCH_SECONDS."""
+MAX_WATCH_SECONDS = 1800
+WATCH_POLL_SECONDS = 0.2
+"""How often a watch reads the records' revision (one small query) for changes made by
+any process: this server's builds, the CLI, detached builds."""
 
 
 class RunnerClosedError(ImcError):
@@ -93,6 +112,8 @@ class Response:
     body: bytes
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
+    stream: Iterable[bytes] | None = None
+    """A watch: lines sent as they come, instead of ``body``."""
 
 
 class ApiError(Exception):
@@ -197,17 +218,30 @@ class ImageCacheAPI:
         return (route in cls.DOCUMENTS or route == "/openapi/v2" or route.startswith(cls.PREFIX)
                 or route.startswith("/apis/") or route.startswith("/api/") or route.startswith("/openapi/"))
 
-    def __init__(self, caches: Caches, builds: BuildSubmitter) -> None:
+    def __init__(self, caches: Caches, builds: BuildSubmitter, token: str | None = None) -> None:
         self.caches = caches
         self.builds = builds
+        self.token = token
+        self._watch_lock = threading.Lock()
+        self._watches = 0
 
-    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Response:
-        """Answer one request. Never raises: every failure is a Status object."""
+    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+               peer: str | None = None) -> Response:
+        """Answer one request from ``peer`` (the client's address; None: this process).
+        Never raises: every failure is a Status object."""
         lowered = {str(k).lower(): str(v) for k, v in headers.items()}
         fmt = _negotiate(lowered.get("accept", ""))
         try:
-            status, doc = self._dispatch(method.upper(), path, lowered, body)
-            return _render(status, doc, fmt)
+            self._authenticate(lowered.get("authorization", ""), peer)
+            answer = self._dispatch(method.upper(), path, lowered, body)
+            if isinstance(answer, Response):
+                return answer
+            status, doc = answer
+            warnings = doc.pop(WARNINGS, None) if isinstance(doc, dict) else None
+            response = _render(status, doc, fmt)
+            if warnings:
+                response.headers["Warning"] = ", ".join(f'299 - {json.dumps(w)}' for w in warnings)
+            return response
         except ApiError as e:
             return _render(e.code, _failure(e.code, e.reason, e.message, e.name, e.kind, e.causes), fmt, e.headers)
         except Exception:
@@ -216,9 +250,22 @@ class ImageCacheAPI:
             return _render(500, _failure(500, "InternalError", "an internal error occurred; see the server log"),
                            fmt)
 
+    def _authenticate(self, authorization: str, peer: str | None) -> None:
+        """With a token, every request must bear it; without one, only loopback clients
+        are served (the API changes what this machine holds)."""
+        if self.token is None:
+            if peer is not None and not _loopback(peer):
+                raise ApiError(401, "Unauthorized", "Unauthorized: the API answers other machines only with a "
+                               "bearer token (imc serve --api-token-file)")
+            return
+        scheme, _, offered = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(offered.strip().encode(), self.token.encode()):
+            raise ApiError(401, "Unauthorized", "Unauthorized", headers={"WWW-Authenticate": 'Bearer realm="imc"'})
+
     # -- routing --------------------------------------------------------------------------
 
-    def _dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+    def _dispatch(self, method: str, path: str, headers: dict[str, str],
+                  body: bytes) -> tuple[int, dict[str, Any]] | Response:
         parts = urlsplit(path)
         route = parts.path
         if route != self.PREFIX and route.endswith("/"):
@@ -231,6 +278,8 @@ class ImageCacheAPI:
             return 200, document
         as_table = wants_table(headers.get("accept", ""))
         if route == self.PREFIX:
+            if method == "GET" and _flag(query, "watch"):
+                return self._watch(query, as_table)
             if method == "GET":
                 listed = self._list(query)
                 return 200, _as_table(listed["items"], query, listed["metadata"]) if as_table else listed
@@ -248,20 +297,26 @@ class ImageCacheAPI:
             raw_name = raw_name[:-len("/status")]
         if "/" in raw_name:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if method not in ("GET", "DELETE"):
-            raise _not_allowed(method, "GET, DELETE", "an image cache")
+        if method not in ("GET", "PUT", "PATCH", "DELETE"):
+            raise _not_allowed(method, "GET, PUT, PATCH, DELETE", "an image cache")
         name = _path_name(raw_name)
         if method == "GET":
             obj = self._get(name).to_object()
             return 200, _as_table([obj], query) if as_table else obj
+        if method == "PUT":
+            return 200, self._replace(name, _parse_body(headers, body), query)
+        if method == "PATCH":
+            return self._patch(name, headers, body, query)
         return 200, self._delete(name)
 
     # -- the verbs --------------------------------------------------------------------------
 
     def _list(self, query: dict[str, list[str]]) -> dict[str, Any]:
         wanted = _name_selector(query)
+        revision = self.caches.revision()  # read first: a write after it is seen again by a watch
         items = [c.to_object() for c in self.caches.list() if wanted is None or c.name == wanted]
-        return {"apiVersion": API_VERSION, "kind": LIST_KIND, "metadata": {}, "items": items}
+        return {"apiVersion": API_VERSION, "kind": LIST_KIND, "metadata": {"resourceVersion": str(revision)},
+                "items": items}
 
     def _get(self, name: str) -> ImageCache:
         try:
@@ -275,12 +330,13 @@ class ImageCacheAPI:
         except NotFoundLocalError:
             raise _not_found(name) from None
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                "details": {"name": cache.name, "group": GROUP, "kind": RESOURCE, "uid": cache.id}}
+                "details": {"name": cache.name, "group": GROUP, "kind": RESOURCE, "uid": cache.uid}}
 
     def _create(self, headers: dict[str, str], body: bytes, query: dict[str, list[str]]) -> dict[str, Any]:
         dry_run = _dry_run(query)
         obj = _parse_body(headers, body)
         claimed = _claimed_name(obj)
+        warnings = _check_fields(obj, query)
         try:
             name, spec, no_effect = spec_from_object(obj)
         except ValidationError as e:
@@ -310,7 +366,7 @@ class ImageCacheAPI:
             except NotFoundLocalError:
                 pass
             raise ApiError(503, "ServiceUnavailable", e.message, name) from None
-        return cache.to_object()
+        return {**cache.to_object(), **({WARNINGS: warnings} if warnings else {})}
 
     def _would_create(self, name: str, spec: CacheSpec, no_effect: AnnotationReport) -> dict[str, Any]:
         """``dryRun=All``: the checks ``create`` makes, none of its writes."""
@@ -334,12 +390,185 @@ class ImageCacheAPI:
         obj["status"]["phase"] = ""
         return obj
 
+    def _replace(self, name: str, obj: dict[str, Any], query: dict[str, list[str]]) -> dict[str, Any]:
+        """PUT (and every patch, once applied): the cache takes the object's spec, through
+        ``Caches.update``, which decides what a change does (a rebuild in the background,
+        the old volume serving) or refuses it with nothing changed. A ``resourceVersion``
+        in the object must be the current one: a stale one is a Conflict."""
+        dry_run = _dry_run(query)
+        warnings = _check_fields(obj, query)
+        try:
+            claimed, spec, _ = spec_from_object(obj)
+        except ValidationError as e:
+            raise _invalid(name, e.message) from None
+        if claimed != name:
+            raise ApiError(400, "BadRequest", f"the name in the object ({_quote(claimed)}) does not match the name "
+                           f"in the path ({_quote(name)})", name)
+        current = self._get(name)
+        expected = (obj.get("metadata") or {}).get("resourceVersion")
+        checked = expected not in (None, "")
+        if checked and str(expected) != str(current.resource_version):
+            raise _conflict(name, STALE)
+        if dry_run:
+            return {**current.to_object(), "spec": obj.get("spec")}
+        try:
+            cache, lease = self.caches.update(name, images=spec.images, retention_days=spec.retention_days,
+                                              plain_http=spec.plain_http, insecure=spec.insecure,
+                                              pull_secrets=spec.image_pull_secrets, annotations=spec.annotations,
+                                              resource_version=current.resource_version if checked else None)
+        except NotFoundLocalError:
+            raise _not_found(name) from None
+        except ValidationError as e:
+            raise _invalid(name, e.message) from None
+        except CacheStateError as e:
+            raise _conflict(name, e.message) from None
+        if lease is not None:
+            try:
+                self.builds.submit(name, lease)
+            except RunnerClosedError as e:
+                # The lease is free again: the next reader marks the update failed, the
+                # previous volume still serving.
+                raise ApiError(503, "ServiceUnavailable", e.message, name) from None
+        return {**cache.to_object(), **({WARNINGS: warnings} if warnings else {})}
+
+    def _patch(self, name: str, headers: dict[str, str], body: bytes,
+               query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """PATCH: a merge patch (kubectl apply, edit, patch --type merge), a JSON patch
+        (patch --type json) or an apply patch (apply --server-side) over the current
+        object, then the result as a PUT. Status in a patch is ignored (imc writes it)."""
+        patch = _parse_body(headers, body, patch=True)
+        media = _media_type(headers.get("content-type", ""))
+        if media == APPLY_PATCH:
+            if not (query.get("fieldManager") or [""])[-1]:
+                raise ApiError(400, "BadRequest", "fieldManager is required for apply requests", name)
+            if not self._exists(name):
+                if _claimed_name(patch) != name:
+                    raise ApiError(400, "BadRequest", f"the name in the object does not match the name in the path "
+                                   f"({_quote(name)})", name)
+                created = self._create({"content-type": JSON}, json.dumps(patch).encode(), query)
+                return 201, created
+        current = self._get(name).to_object()
+        try:
+            if media == JSON_PATCH:
+                patched = json_patch(current, patch)
+            elif media == MERGE_PATCH:
+                patched = merge_patch(current, patch)
+            else:
+                # One manager owns every field here: the applied object is the whole
+                # intent for spec and annotations.
+                metadata = patch.get("metadata") if isinstance(patch.get("metadata"), dict) else {}
+                patched = {**current, "spec": patch.get("spec"),
+                           "metadata": {**current["metadata"], "annotations": metadata.get("annotations") or {}}}
+                if patch.get("apiVersion") != API_VERSION or patch.get("kind") != KIND:
+                    patched["apiVersion"], patched["kind"] = patch.get("apiVersion"), patch.get("kind")
+        except PatchError as e:
+            raise ApiError(422, "Invalid", f"the patch does not apply to {RESOURCE}.{GROUP} {_quote(name)}: "
+                           f"{e.message}", name, kind=KIND,
+                           causes=[{"reason": "FieldValueInvalid", "message": _clip(e.message), "field": "patch"}]
+                           ) from None
+        if not isinstance(patched, dict):
+            raise _invalid(name, "the patched document is not an object")
+        patched.pop("status", None)
+        if not _names_resource_version(patch) and isinstance(patched.get("metadata"), dict):
+            # Only a patch that names a resourceVersion is conditional on it.
+            patched["metadata"].pop("resourceVersion", None)
+        return 200, self._replace(name, patched, query)
+
+    def _watch(self, query: dict[str, list[str]], as_table: bool) -> Response:
+        """``?watch=true``: ADDED, MODIFIED and DELETED events as JSON lines, from the
+        ``resourceVersion`` asked for (or every cache as ADDED first when none is),
+        until ``timeoutSeconds`` or the client goes."""
+        wanted = _name_selector(query)
+        since_text = (query.get("resourceVersion") or [""])[-1]
+        if since_text not in ("", "0") and not (since_text.isascii() and since_text.isdigit() and len(since_text) < 19):
+            raise ApiError(400, "BadRequest", f"resourceVersion {_clip(since_text, 40)!r} is not a resource version")
+        since = int(since_text) if since_text not in ("", "0") else None
+        timeout_text = (query.get("timeoutSeconds") or [str(MAX_WATCH_SECONDS)])[-1]
+        if not (timeout_text.isascii() and timeout_text.isdigit() and len(timeout_text) < 10):
+            raise ApiError(400, "BadRequest", f"timeoutSeconds {_clip(timeout_text, 40)!r} is not a number")
+        seconds = min(max(int(timeout_text), 1), MAX_WATCH_SECONDS)
+        include = (query.get("includeObject") or ["Metadata"])[-1]
+        with self._watch_lock:
+            if self._watches >= MAX_WATCHES:
+                raise ApiError(429, "TooManyRequests", f"too many watches open (at most {MAX_WATCHES}); try again later",
+                               headers={"Retry-After": "5"})
+            self._watches += 1
+        events = self._watch_events(wanted, since, time.monotonic() + seconds)
+        return Response(200, b"", JSON, {}, stream=_WatchStream(self, events, as_table, include))
+
+    def _watch_ended(self) -> None:
+        with self._watch_lock:
+            self._watches -= 1
+
+    def _watch_events(self, wanted: str | None, since: int | None,
+                      deadline: float) -> Generator[tuple[str, dict[str, Any]], None, None]:
+        """Poll the records' revision; on a change, compare every cache with what was
+        last seen and yield what changed, in the order of the writes."""
+        known: dict[str, dict[str, Any]] = {}
+        revision = self.caches.revision()
+        for cache in self.caches.list():
+            if wanted is not None and cache.name != wanted:
+                continue
+            obj = cache.to_object()
+            known[cache.name] = obj
+            if since is None:
+                yield "ADDED", obj
+            elif cache.resource_version > since:
+                yield "MODIFIED", obj
+        while time.monotonic() < deadline:
+            time.sleep(WATCH_POLL_SECONDS)
+            now = self.caches.revision()
+            if now == revision:
+                continue
+            revision = now
+            current = {c.name: c for c in self.caches.list() if wanted is None or c.name == wanted}
+            changes: list[tuple[int, str, dict[str, Any]]] = []
+            for name, obj in list(known.items()):
+                if name not in current:
+                    gone = copy.deepcopy(obj)
+                    gone["metadata"]["resourceVersion"] = str(now)
+                    changes.append((now, "DELETED", gone))
+                    del known[name]
+            for name, cache in current.items():
+                before = known.get(name)
+                if before is None or before["metadata"]["resourceVersion"] != str(cache.resource_version):
+                    obj = cache.to_object()
+                    known[name] = obj
+                    changes.append((cache.resource_version, "MODIFIED" if before else "ADDED", obj))
+            for _, kind, obj in sorted(changes, key=lambda c: c[0]):
+                yield kind, obj
+
     def _exists(self, name: str) -> bool:
         try:
             self.caches.db.get(name)
         except NotFoundLocalError:
             return False
         return True
+
+
+class _WatchStream:
+    """A watch's events as JSON lines (a Table per event when the client asked for
+    tables). ``close`` ends the watch and frees its slot, once, started or not."""
+
+    def __init__(self, api: ImageCacheAPI, events: Generator[tuple[str, dict[str, Any]], None, None],
+                 as_table: bool, include: str) -> None:
+        self.api, self.events, self.as_table, self.include = api, events, as_table, include
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for kind, obj in self.events:
+                if self.as_table:
+                    obj = table([obj], now_utc(), self.include)
+                yield json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.events.close()
+            self.api._watch_ended()
 
 
 # -- request parsing ------------------------------------------------------------------------------
@@ -374,8 +603,9 @@ def _media_type(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
-def _parse_body(headers: dict[str, str], body: bytes) -> Any:
-    """The request body as a document, by its Content-Type (sniffed when absent)."""
+def _parse_body(headers: dict[str, str], body: bytes, patch: bool = False) -> Any:
+    """The request body as a document, by its Content-Type (sniffed when absent); with
+    ``patch``, a patch by its media type (JSON patch is a list)."""
     declared = headers.get("content-length", "").strip()
     if "transfer-encoding" in headers:
         raise ApiError(411, "LengthRequired", "send the body with a Content-Length, not a Transfer-Encoding")
@@ -386,7 +616,10 @@ def _parse_body(headers: dict[str, str], body: bytes) -> Any:
         raise ApiError(413, "RequestEntityTooLarge",
                        f"the request body is larger than the limit of {MAX_BODY_BYTES} bytes")
     media = _media_type(headers.get("content-type", ""))
-    if media and media != JSON and media not in YAML_TYPES:
+    if patch and media not in PATCH_TYPES:
+        raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - accepted "
+                       f"media types include: {', '.join(PATCH_TYPES)}")
+    if not patch and media and media != JSON and media not in YAML_TYPES:
         raise ApiError(415, "UnsupportedMediaType", f"unsupported Content-Type {_clip(media)!r}: "
                        f"send {JSON} or {YAML}")
     try:
@@ -395,7 +628,7 @@ def _parse_body(headers: dict[str, str], body: bytes) -> Any:
         raise ApiError(400, "BadRequest", "the request body is not UTF-8 text") from None
     if not text.strip():
         raise ApiError(400, "BadRequest", "the request body is empty: send one ImageCache object")
-    is_json = media == JSON or (not media and text.lstrip().startswith("{"))
+    is_json = media in (JSON, JSON_PATCH, MERGE_PATCH) or (not media and text.lstrip().startswith("{"))
     try:
         doc = json.loads(text) if is_json else yaml.load(text, Loader=_StrictYAMLLoader)
     except (ValueError, RecursionError) as e:  # json errors are ValueErrors; so is a 5000-digit int in either
@@ -403,6 +636,10 @@ def _parse_body(headers: dict[str, str], body: bytes) -> Any:
                        f"{_clip(str(e))}") from None
     except yaml.YAMLError as e:
         raise ApiError(400, "BadRequest", f"the request body is not valid YAML: {_clip(str(e))}") from None
+    if media == JSON_PATCH:
+        if not isinstance(doc, list):
+            raise ApiError(400, "BadRequest", f"a JSON patch is a list of operations, not {type(doc).__name__}")
+        return doc
     if not isinstance(doc, dict):
         raise ApiError(400, "BadRequest", "the request body must be one ImageCache object (a mapping), "
                        f"not {type(doc).__name__}")
@@ -421,6 +658,43 @@ def _claimed_name(obj: dict[str, Any]) -> str | None:
     metadata = obj.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
     return _clip(name, 253) if isinstance(name, str) else None
+
+
+WARNINGS = "\0warnings"
+"""The key under which a verb hands back warnings for the ``Warning`` header."""
+
+
+def _names_resource_version(patch: Any) -> bool:
+    if isinstance(patch, list):
+        return any(isinstance(op, dict) and op.get("path") == "/metadata/resourceVersion" for op in patch)
+    metadata = patch.get("metadata") if isinstance(patch, dict) else None
+    return isinstance(metadata, dict) and metadata.get("resourceVersion") is not None
+
+
+def _loopback(peer: str) -> bool:
+    try:
+        address = ipaddress.ip_address(peer.removeprefix("::ffff:"))
+    except ValueError:
+        return False
+    return address.is_loopback
+
+
+def _flag(query: dict[str, list[str]], key: str) -> bool:
+    return (query.get(key) or ["false"])[-1].lower() in ("true", "1")
+
+
+def _check_fields(obj: dict[str, Any], query: dict[str, list[str]]) -> list[str]:
+    """``fieldValidation``: Strict refuses an object with unknown fields, Warn (the
+    default) names them in warnings, Ignore says nothing."""
+    mode = (query.get("fieldValidation") or ["Warn"])[-1]
+    if mode not in ("Ignore", "Warn", "Strict"):
+        raise ApiError(400, "BadRequest", f"fieldValidation {_clip(mode, 40)!r}: want Ignore, Warn or Strict")
+    unknown = unknown_fields(obj) if mode != "Ignore" else []
+    if unknown and mode == "Strict":
+        fields_ = ", ".join(f'unknown field "{f}"' for f in unknown)
+        raise ApiError(400, "BadRequest", f"{KIND} in version \"v1\" cannot be handled as a {KIND}: strict decoding "
+                       f"error: {fields_}", _claimed_name(obj))
+    return [f'unknown field "{f}"' for f in unknown]
 
 
 def _name_selector(query: dict[str, list[str]]) -> str | None:
@@ -479,6 +753,11 @@ def _failure(code: int, reason: str, message: str, name: str | None = None, kind
         details["causes"] = causes
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": _clip(message), "reason": reason, "details": details, "code": code}
+
+
+def _conflict(name: str, why: str) -> ApiError:
+    return ApiError(409, "Conflict", f"Operation cannot be fulfilled on {RESOURCE}.{GROUP} {_quote(name)}: {why}",
+                    name)
 
 
 def _not_found(name: str) -> ApiError:

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
@@ -59,6 +59,25 @@ def _request_kind(path: str) -> str:
     if "/manifests/" in path:
         return "manifest"
     return "blob" if "/blobs/" in path else "other"
+
+
+class _Chunked:
+    """HTTP/1.1 chunked framing of a stream of byte strings, ending with the last chunk.
+    ``close`` closes the stream, also one never started (a client gone before the body)."""
+
+    def __init__(self, stream: Iterable[bytes]) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        for data in self.stream:
+            if data:
+                yield b"%x\r\n%s\r\n" % (len(data), data)
+        yield b"0\r\n\r\n"
+
+    def close(self) -> None:
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            close()
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -168,7 +187,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._unread_body = True
         else:
             body = self.rfile.read(size) if size else b""
-        answer = app.api.handle(self.command, self.path, self._headers(), body)
+        answer = app.api.handle(self.command, self.path, self._headers(), body, peer=self.client_address[0])
+        if answer.stream is not None:
+            # A watch: chunked, each event sent as it comes; the connection ends with it.
+            self.close_connection = True
+            return Reply(answer.status, {"Content-Type": answer.content_type, "Transfer-Encoding": "chunked",
+                                         **answer.headers}, stream=_Chunked(answer.stream))
         return Reply(answer.status, {"Content-Type": answer.content_type, **answer.headers}, answer.body)
 
     def _send(self, reply: Reply) -> None:
@@ -187,11 +211,13 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if source is not None:
                 source.close()
+            if isinstance(reply.stream, _Chunked):
+                reply.stream.close()
 
     def _send_reply(self, reply: Reply, source: BinaryIO | None) -> None:
         self.send_response(reply.status)
         headers = {"Docker-Distribution-API-Version": "registry/2.0", **reply.headers}
-        if "Content-Length" not in headers:
+        if "Content-Length" not in headers and "Transfer-Encoding" not in headers:
             headers["Content-Length"] = str(len(reply.body))
         for key, value in headers.items():
             self.send_header(key, value)
@@ -217,12 +243,13 @@ class Server:
     """The registry endpoint, the API and the sweep, behind one listening socket."""
 
     def __init__(self, caches: Caches, listen: tuple[str, int], pull_through: Puller | None = None,
-                 upstreams: Sequence[str] = (), sweep_interval: float = 3600.0, build_workers: int = 2) -> None:
+                 upstreams: Sequence[str] = (), sweep_interval: float = 3600.0, build_workers: int = 2,
+                 api_token: str | None = None) -> None:
         self.caches = caches
         self.metrics = Metrics()
         self.registry = RegistryEndpoint(caches, pull_through, upstreams)
         self.builds = BuildRunner(caches, workers=build_workers)
-        self.api = ImageCacheAPI(caches, self.builds)
+        self.api = ImageCacheAPI(caches, self.builds, token=api_token)
         self.sweep_interval = sweep_interval
         self._httpd = _HTTPServer(listen, self)
         self._stopping = threading.Event()

@@ -34,7 +34,7 @@ RESOURCE = "imagecaches"
 SINGULAR = "imagecache"
 SHORT_NAMES = ["imc"]
 LIST_KIND = KIND + "List"
-VERBS = ["create", "delete", "get", "list"]
+VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 """What the API answers on the resource, as discovery announces it to clients."""
 
 GROUP_VERSION_PATH = f"/apis/{API_VERSION}"

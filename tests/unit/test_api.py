@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,9 @@ def assert_creating_object(doc: dict[str, Any], name: str) -> None:
     assert doc["status"]["phase"] == "Creating"
     assert doc["status"]["progress"] == "0%"
     assert doc["status"]["imageCacheId"].startswith("imc-")
-    assert doc["metadata"]["uid"] == doc["status"]["imageCacheId"]
+    assert str(uuid.UUID(doc["metadata"]["uid"])) == doc["metadata"]["uid"]
+    assert doc["metadata"]["generation"] == 1 and doc["status"]["observedGeneration"] == 0
+    assert int(doc["metadata"]["resourceVersion"]) > 0
     assert doc["spec"]["images"] == [IMAGE]
 
 
@@ -204,7 +207,8 @@ def test_dry_run_validates_without_creating(api: ImageCacheAPI, caches: Caches, 
 def test_list_shape_empty_and_with_items(api: ImageCacheAPI) -> None:
     resp, doc = call(api, "GET")
     assert resp.status == 200
-    assert doc == {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCacheList", "metadata": {}, "items": []}
+    assert doc == {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCacheList",
+                   "metadata": {"resourceVersion": "0"}, "items": []}
 
     post_yaml(api, cache_yaml("web"))
     post_json(api, cache_obj("api"))
@@ -246,7 +250,7 @@ def test_delete_answers_a_success_status_and_the_cache_is_gone(api: ImageCacheAP
     assert doc == {
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
         "details": {"name": "web", "group": "eci.alibabacloud.com", "kind": "imagecaches",
-                    "uid": created["status"]["imageCacheId"]},
+                    "uid": created["metadata"]["uid"]},
     }
     assert [c.name for c in caches.list()] == ["keep"]
     resp, doc = call(api, "GET", f"{PREFIX}/web")
@@ -293,8 +297,10 @@ REFUSED: list[tuple[str, str, str, bytes | str, dict[str, str], int, str]] = [
     ("duplicate", "POST", PREFIX, cache_yaml("web"), {}, 409, "AlreadyExists"),
     ("two-mib", "POST", PREFIX, BIG, {"Content-Type": "application/yaml"}, 413, "RequestEntityTooLarge"),
     ("xml", "POST", PREFIX, "<ImageCache/>", {"Content-Type": "application/xml"}, 415, "UnsupportedMediaType"),
-    ("put-item", "PUT", f"{PREFIX}/web", cache_yaml("web"), {}, 405, "MethodNotAllowed"),
-    ("patch-item", "PATCH", f"{PREFIX}/web", "{}", {}, 405, "MethodNotAllowed"),
+    ("put-item-creating", "PUT", f"{PREFIX}/web", cache_yaml("web", retentionDays=3), {}, 409, "Conflict"),
+    ("patch-item-strategic", "PATCH", f"{PREFIX}/web", "{}", {"Content-Type": "application/strategic-merge-patch+json"},
+     415, "UnsupportedMediaType"),
+    ("options-item", "OPTIONS", f"{PREFIX}/web", "", {}, 405, "MethodNotAllowed"),
     ("delete-collection", "DELETE", PREFIX, "", {}, 405, "MethodNotAllowed"),
     ("post-item", "POST", f"{PREFIX}/web", cache_yaml("web"), {}, 405, "MethodNotAllowed"),
     ("sub-path", "GET", f"{PREFIX}/web/logs", "", {}, 404, "NotFound"),
@@ -349,9 +355,9 @@ def test_duplicate_keeps_the_first_cache(api: ImageCacheAPI, caches: Caches, one
 
 
 def test_method_not_allowed_says_what_is(api: ImageCacheAPI) -> None:
-    resp, doc = call(api, "PUT", f"{PREFIX}/web", cache_yaml("web"))
+    resp, doc = call(api, "POST", f"{PREFIX}/web", cache_yaml("web"))
     failure(doc, 405, "MethodNotAllowed")
-    assert resp.headers["Allow"] == "GET, DELETE" and "GET, DELETE" in doc["message"]
+    assert resp.headers["Allow"] == "GET, PUT, PATCH, DELETE" and "GET, PUT, PATCH, DELETE" in doc["message"]
     resp, doc = call(api, "PATCH", PREFIX, "{}")
     assert resp.status == 405 and resp.headers["Allow"] == "GET, POST"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,162 @@ def test_kubeconfig_names_one_cluster_user_and_context() -> None:
     assert doc["clusters"] == [{"name": "imc", "cluster": {"server": "http://127.0.0.1:5050"}}]
     assert doc["users"] == [{"name": "imc", "user": {}}]
     assert discovery.kubeconfig("http://h:1", token="t0k")["users"][0]["user"] == {"token": "t0k"}
+
+
+def obj_of(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCache", "metadata": {"name": name},
+            "spec": {"images": [IMAGE], **spec}}
+
+
+def send(api: ImageCacheAPI, method: str, path: str, body: Any, content_type: str,
+         **headers: str) -> tuple[int, Any, dict[str, str]]:
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    resp = api.handle(method, path, {"Content-Type": content_type, **headers}, raw)
+    return resp.status, json.loads(resp.body), resp.headers
+
+
+def test_metadata_uid_generation_and_resource_version(api: ImageCacheAPI) -> None:
+    created = create(api, "web")
+    meta = created["metadata"]
+    assert str(uuid.UUID(meta["uid"])) == meta["uid"]
+    assert meta["generation"] == 1 and created["status"]["observedGeneration"] == 0
+    assert meta["creationTimestamp"]
+    before = int(meta["resourceVersion"])
+    api.caches.mark_used("web")  # a write that is not a spec change
+    _, doc = call(api, "GET", f"{PREFIX}/web")
+    assert int(doc["metadata"]["resourceVersion"]) > before
+    assert doc["metadata"]["generation"] == 1 and doc["metadata"]["uid"] == meta["uid"]
+    _, listed = call(api, "GET", PREFIX)
+    assert int(listed["metadata"]["resourceVersion"]) >= int(doc["metadata"]["resourceVersion"])
+
+
+def test_a_stale_resource_version_is_a_conflict_and_changes_nothing(api: ImageCacheAPI) -> None:
+    created = create(api, "web")
+    api.caches.mark_used("web")
+    stale = {**obj_of("web", retentionDays=3), "metadata": {"name": "web",
+                                                              "resourceVersion": created["metadata"]["resourceVersion"]}}
+    status, doc, _ = send(api, "PUT", f"{PREFIX}/web", stale, "application/json")
+    assert status == 409 and doc["reason"] == "Conflict"
+    assert doc["message"] == ('Operation cannot be fulfilled on imagecaches.eci.alibabacloud.com "web": the object '
+                              'has been modified; please apply your changes to the latest version and try again')
+    status, doc, _ = send(api, "PATCH", f"{PREFIX}/web", {"metadata": {"resourceVersion": "1"},
+                                                            "spec": {"retentionDays": 3}},
+                          "application/merge-patch+json")
+    assert status == 409 and doc["reason"] == "Conflict"
+    _, now = call(api, "GET", f"{PREFIX}/web")
+    assert "retentionDays" not in now["spec"]
+
+
+def test_updates_follow_the_phase_rules_of_caches(api: ImageCacheAPI) -> None:
+    create(api, "web")  # held in Creating: Caches refuses updates
+    status, doc, _ = send(api, "PATCH", f"{PREFIX}/web", {"spec": {"retentionDays": 3}}, "application/merge-patch+json")
+    assert status == 409 and doc["reason"] == "Conflict" and "Creating" in doc["message"]
+    status, doc, _ = send(api, "PUT", f"{PREFIX}/web", obj_of("web", retentionDays=3), "application/json")
+    assert status == 409 and "Creating" in doc["message"]
+
+
+@pytest.mark.parametrize(("body", "content_type", "code", "reason", "words"), [
+    ({"spec": {"imageCacheSize": 5}}, "application/merge-patch+json", 422, "Invalid", "imageCacheSize"),
+    ([{"op": "remove", "path": "/spec/nothing"}], "application/json-patch+json", 422, "Invalid", "does not exist"),
+    ({"op": "remove"}, "application/json-patch+json", 400, "BadRequest", "list of operations"),
+    ({"spec": {}}, "application/strategic-merge-patch+json", 415, "UnsupportedMediaType", "merge-patch"),
+    ({"metadata": {"name": "other"}}, "application/merge-patch+json", 400, "BadRequest", "does not match"),
+    ("{not json", "application/merge-patch+json", 400, "BadRequest", "not valid JSON"),
+])
+def test_refused_patches_change_nothing(api: ImageCacheAPI, body: Any, content_type: str, code: int, reason: str,
+                                        words: str) -> None:
+    before = create(api, "web")
+    status, doc, _ = send(api, "PATCH", f"{PREFIX}/web", body, content_type)
+    assert (status, doc["reason"]) == (code, reason) and words in doc["message"], doc
+    _, after = call(api, "GET", f"{PREFIX}/web")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+def test_patch_of_a_missing_cache_is_not_found(api: ImageCacheAPI) -> None:
+    status, doc, _ = send(api, "PATCH", f"{PREFIX}/none", {"spec": {}}, "application/merge-patch+json")
+    assert status == 404 and doc["reason"] == "NotFound"
+
+
+def test_field_validation_strict_warn_and_ignore(api: ImageCacheAPI) -> None:
+    obj = {**obj_of("web"), "extra": 1}
+    obj["metadata"]["labelz"] = {}
+    status, doc, _ = send(api, "POST", f"{PREFIX}?fieldValidation=Strict", obj, "application/json")
+    assert status == 400 and doc["reason"] == "BadRequest"
+    assert 'strict decoding error: unknown field "extra", unknown field "metadata.labelz"' in doc["message"]
+    status, doc, headers = send(api, "POST", PREFIX, obj, "application/json")
+    assert status == 201
+    assert headers["Warning"] == '299 - "unknown field \\"extra\\"", 299 - "unknown field \\"metadata.labelz\\""'
+    status, doc, headers = send(api, "POST", f"{PREFIX}?fieldValidation=Ignore", {**obj_of("api"), "x": 1},
+                                "application/json")
+    assert status == 201 and "Warning" not in headers
+    status, doc, _ = send(api, "POST", f"{PREFIX}?fieldValidation=Loose", obj_of("b"), "application/json")
+    assert status == 400 and "fieldValidation" in doc["message"]
+
+
+def test_server_side_apply_creates_and_needs_a_field_manager(api: ImageCacheAPI) -> None:
+    text = json.dumps(obj_of("web"))
+    status, doc, _ = send(api, "PATCH", f"{PREFIX}/web", text, "application/apply-patch+yaml")
+    assert status == 400 and "fieldManager" in doc["message"]
+    status, doc, _ = send(api, "PATCH", f"{PREFIX}/web?fieldManager=kubectl", text, "application/apply-patch+yaml")
+    assert status == 201 and doc["status"]["phase"] == "Creating"
+
+
+def test_watch_streams_added_modified_and_deleted(api: ImageCacheAPI) -> None:
+    create(api, "web")
+    resp = api.handle("GET", f"{PREFIX}?watch=true&timeoutSeconds=5", {}, b"")
+    assert resp.status == 200 and resp.stream is not None
+    events = (json.loads(line) for line in resp.stream)
+    first = next(events)
+    assert first["type"] == "ADDED" and first["object"]["metadata"]["name"] == "web"
+    api.caches.mark_used("web")
+    second = next(events)
+    assert second["type"] == "MODIFIED"
+    assert int(second["object"]["metadata"]["resourceVersion"]) > int(first["object"]["metadata"]["resourceVersion"])
+    create(api, "api")
+    assert (lambda e: (e["type"], e["object"]["metadata"]["name"]))(next(events)) == ("ADDED", "api")
+    api.caches.delete("web")
+    third = next(events)
+    assert third["type"] == "DELETED" and third["object"]["metadata"]["name"] == "web"
+    resp.stream.close()
+    assert api._watches == 0
+
+
+def test_watch_from_a_resource_version_and_by_name_as_table(api: ImageCacheAPI) -> None:
+    created = create(api, "web")
+    create(api, "api")
+    since = created["metadata"]["resourceVersion"]
+    resp = api.handle("GET", f"{PREFIX}?watch=1&resourceVersion={since}&fieldSelector=metadata.name%3Dweb"
+                      "&timeoutSeconds=1", {"Accept": TABLE}, b"")
+    assert resp.stream is not None
+    api.caches.mark_used("web")
+    events = [json.loads(line) for line in resp.stream]  # ends at timeoutSeconds
+    assert [e["type"] for e in events] == ["MODIFIED"]
+    assert events[0]["object"]["kind"] == "Table" and events[0]["object"]["rows"][0]["cells"][0] == "web"
+
+
+def test_watches_are_bounded(api: ImageCacheAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("builder.server.api.MAX_WATCHES", 1)
+    first = api.handle("GET", f"{PREFIX}?watch=true&timeoutSeconds=1", {}, b"")
+    second = api.handle("GET", f"{PREFIX}?watch=true", {}, b"")
+    assert second.status == 429 and json.loads(second.body)["reason"] == "TooManyRequests"
+    assert first.stream is not None
+    assert list(first.stream) == []
+    third = api.handle("GET", f"{PREFIX}?watch=true&timeoutSeconds=1", {}, b"")
+    assert third.status == 200 and third.stream is not None
+    third.stream.close()
+    status, _ = call(api, "GET", f"{PREFIX}?watch=true&timeoutSeconds=x")
+    assert status == 400
+
+
+def test_the_api_answers_other_machines_only_with_a_token(tmp_path: Path) -> None:
+    open_api = ImageCacheAPI(Caches(tmp_path / "a"), HeldBuilds())
+    assert open_api.handle("GET", "/apis", {}, b"", peer="127.0.0.1").status == 200
+    assert open_api.handle("GET", "/apis", {}, b"", peer="::1").status == 200
+    denied = open_api.handle("GET", PREFIX, {}, b"", peer="192.0.2.7")
+    assert denied.status == 401 and "--api-token-file" in json.loads(denied.body)["message"]
+    guarded = ImageCacheAPI(Caches(tmp_path / "b"), HeldBuilds(), token="t" * 20)
+    assert guarded.handle("GET", PREFIX, {}, b"", peer="127.0.0.1").status == 401
+    wrong = guarded.handle("GET", PREFIX, {"Authorization": "Bearer " + "u" * 20}, b"", peer="192.0.2.7")
+    assert wrong.status == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    ok = guarded.handle("GET", PREFIX, {"Authorization": "Bearer " + "t" * 20}, b"", peer="192.0.2.7")
+    assert ok.status == 200

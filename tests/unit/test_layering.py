@@ -19,7 +19,7 @@ LAYERS = [
     "registry.hosts", "registry.auth", "registry.retry", "registry.transport",
     "registry.blobs", "registry.manifests", "registry.uploads", "registry.client",
     "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "caches", "artifact", "matcher",
-    "server.registry", "server.metrics", "server.discovery", "server.api", "server.app",
+    "server.registry", "server.metrics", "server.patch", "server.discovery", "server.api", "server.app",
     "cli",
 ]
 
