@@ -33,7 +33,6 @@ that fails leaves no record and no file.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -46,27 +45,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.caches import BuildLease, Caches
+from builder.caches import Caches, ImportedVolume
 from builder.digest import Digest, Verifier, verify_bytes
 from builder.errors import (
+    AlreadyExistsError,
     CacheStateError,
     DigestMismatchError,
     ImcError,
-    NotFoundLocalError,
     StoreError,
     UnsupportedError,
     ValidationError,
 )
-from builder.home import VOLUME_SUFFIX, open_unlinked, partial_of
+from builder.home import VOLUME_SUFFIX, open_unlinked
 from builder.imagecache import (
     API_VERSION,
     KIND,
     READY,
-    Event,
     ImageCache,
     ResolvedImage,
-    VolumeInfo,
-    new_cache_id,
     now_utc,
     rfc3339,
     spec_from_object,
@@ -416,17 +412,12 @@ def _resolved_images(volume: Volume, what: str) -> list[ResolvedImage]:
     return out
 
 
-def _choose_id(caches: Caches, config: dict[str, Any]) -> str:
-    """The source cache's id when this home does not use it yet, so a pod that names
-    the cache by id (``eci-image-snapshot-id``) finds it on every node; else a new one."""
+def _wanted_id(config: dict[str, Any]) -> str | None:
+    """The source cache's id, kept when this home does not use it yet, so a pod that
+    names the cache by id (``eci-image-snapshot-id``) finds it on every node."""
     status = config.get("status") if isinstance(config.get("status"), dict) else {}
     wanted = status.get("imageCacheId") or (config.get("metadata") or {}).get("uid")
-    if isinstance(wanted, str) and _ID_RE.match(wanted):
-        try:
-            caches.db.by_id(wanted)
-        except NotFoundLocalError:
-            return wanted
-    return new_cache_id()
+    return wanted if isinstance(wanted, str) and _ID_RE.match(wanted) else None
 
 
 def _reserve(fd: int, size: int, where: Path) -> None:
@@ -448,7 +439,7 @@ def pull_cache(caches: Caches, source: Reference, policy: HostPolicy | None = No
 
     The name is ``name`` or the pushed cache's; it must be free. Every part is
     verified as it arrives, the volume as a whole before it is registered. The
-    cache's id is kept when free here (see ``_choose_id``). Nothing is left behind
+    cache's id is kept when free here (see ``_wanted_id``). Nothing is left behind
     on failure: no record, no partial file.
     """
     emit = on_progress or (lambda event: None)
@@ -461,21 +452,10 @@ def pull_cache(caches: Caches, source: Reference, policy: HostPolicy | None = No
     except ValidationError as e:
         raise UnsupportedError(f"{source}: the artifact's ImageCache object is invalid: {e.message}") from None
     name = validate_name(name or pushed_name)
-    try:
-        caches.db.get(name)
-    except NotFoundLocalError:
-        pass  # free: checked now so that nothing is downloaded for a name that cannot be used
-    else:
-        raise ValidationError(f"name {name!r}: an image cache with this name already exists (pass --name)")
-    cache_id = _choose_id(caches, config)
-    try:
-        lease = BuildLease(caches._lease_path(cache_id))  # gc leaves a leased cache's files alone
-    except CacheStateError:
-        raise CacheStateError(f"image cache id {cache_id} is being imported or built by another process") from None
-    generation = 1
-    final = caches.home.volume(cache_id, generation)
-    partial = partial_of(final)
-    try:
+    if caches.exists(name):  # checked now so that nothing is downloaded for a name that cannot be used
+        raise AlreadyExistsError(f"name {name!r}: an image cache with this name already exists (pass --name)")
+
+    def write(partial: Path) -> ImportedVolume:
         _download(registry, source, artifact, partial, concurrency, emit)
         emit(Verifying(artifact.volume_size))
         volume = Volume.open(partial)
@@ -483,40 +463,14 @@ def pull_cache(caches: Caches, source: Reference, policy: HostPolicy | None = No
         if not report.ok:
             raise DigestMismatchError(f"{source}: the volume's blobs do not verify: {', '.join(report.corrupt[:3])}")
         images = _resolved_images(volume, str(source))
-        os.replace(partial, final)
-        volume = Volume.open(final)
-        now = now_utc()
-        stamp = rfc3339(now)
         status = config.get("status") if isinstance(config.get("status"), dict) else {}
         unpacked = status.get("unpackedBytes")
-        cache = ImageCache(
-            name=name, id=cache_id, spec=spec, created=stamp or "", phase=READY, progress=100, start_time=stamp,
-            last_updated=stamp, images=images, volume_state="ready", generation=generation,
-            volume=VolumeInfo(str(final), volume.content_bytes, volume.blob_bytes, volume.capacity, generation),
-            unpacked_bytes=unpacked if isinstance(unpacked, int) and not isinstance(unpacked, bool) else 0,
-            events=[Event(stamp or "", "Normal", "Imported",
-                          f"Imported from {source} ({artifact.digest}): {len(images)} images, volume of "
-                          f"{volume.content_bytes} bytes verified ({report.checked} blobs)")])
-        cache.expire = cache.retention_expiry()
-        caches.db.insert(cache, caches.settings.max_manual_caches)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            if not _registered(caches, name, final):
-                final.unlink()
-        raise
-    finally:
-        lease.release()
-    return caches.get(name)
+        return ImportedVolume(
+            images, unpacked if isinstance(unpacked, int) and not isinstance(unpacked, bool) else 0,
+            f"Imported from {source} ({artifact.digest}): {len(images)} images, volume of "
+            f"{volume.content_bytes} bytes verified ({report.checked} blobs)")
 
-
-def _registered(caches: Caches, name: str, path: Path) -> bool:
-    try:
-        found = caches.db.get(name)
-    except NotFoundLocalError:
-        return False
-    return found.volume is not None and Path(found.volume.path) == path
+    return caches.import_volume(name, spec, write, _wanted_id(config))
 
 
 def _download(registry: Registry, source: Reference, artifact: Artifact, partial: Path, concurrency: int,

@@ -1,12 +1,9 @@
-"""Image caches over time: create, build, update, delete, expire.
+"""Image caches over time: create, update, delete, expire; the one door to the records.
 
-``Caches`` ties the records (imagecache), the shared store (store, pull) and the
-snapshot volumes (volume) together. A build goes:
-
-    Creating ─ pull every image into the store (pinned by the record, so gc keeps it)
-             ─ check the unpacked size against the cache's size
-             ─ [flash: Ready now, served from the store's staging copy]
-             ─ pack the volume ─ Ready, served from the volume, store pin released
+``Caches`` ties the records (``builder.records``, which nothing else opens), the shared
+store and the snapshot volumes together. Every reader and writer of a cache record
+goes through it, so whatever it notices on the way (a builder that died) holds for
+every process. The build itself, from Creating to Ready, is ``builder.build``.
 
 Whoever builds a cache holds its ``BuildLease`` (an flock) until the build ends, so
 a builder that dies is noticed by the next reader, which marks the cache Failed
@@ -18,29 +15,22 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import os
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
 
-from builder import faults
-from builder import volume as volumes
 from builder.digest import Digest
-from builder.errors import CacheStateError, CapacityError, ImcError, NotFoundLocalError
-from builder.home import Home
+from builder.errors import AlreadyExistsError, CacheStateError, NotFoundLocalError
+from builder.home import Home, partial_of
 from builder.imagecache import (
     BUILDING,
     CREATING,
     FAILED,
     FAILED_RETENTION,
-    GIB,
     READY,
     UPDATE_FAILED,
     UPDATING,
     AnnotationReport,
-    CacheDB,
     CacheSpec,
     Event,
     ImageCache,
@@ -53,23 +43,12 @@ from builder.imagecache import (
     rfc3339,
     validate_name,
 )
-from builder.oci import Descriptor, Index, Platform
-from builder.pull import (
-    DEFAULT_CONCURRENCY,
-    BlobDone,
-    BlobProgress,
-    ImageResolved,
-    PulledImage,
-    Puller,
-    PullEvent,
-    PullPlanned,
-)
-from builder.reference import parse as parse_reference
-from builder.registry.auth import Keychain, SecretStore
-from builder.registry.hosts import HostPolicy
-from builder.registry.retry import RetryPolicy
+from builder.oci import Platform
+from builder.pull import DEFAULT_CONCURRENCY
+from builder.records import CacheDB, Ranked
+from builder.registry.auth import SecretStore
 from builder.store import Store
-from builder.volume import PackProgress, Volume
+from builder.volume import Volume
 
 UNSET = object()
 STALE = "the object has been modified; please apply your changes to the latest version and try again"
@@ -122,15 +101,14 @@ class BuildLease:
             self._fd = None
 
 
-class VolumeSource:
-    """Another cache's volume as a place to copy blobs from (the reuse option)."""
+@dataclass(frozen=True)
+class ImportedVolume:
+    """What ``Caches.import_volume`` needs from whoever wrote a verified volume: the
+    images it serves, their unpacked size, and the ``Imported`` event's message."""
 
-    def __init__(self, cache: str, vol: Volume) -> None:
-        self.name = f"cache:{cache}"
-        self.volume = vol
-
-    def open_blob(self, digest: Digest) -> BinaryIO | None:
-        return self.volume.open_blob(digest) if self.volume.has(digest) else None
+    images: list[ResolvedImage]
+    unpacked_bytes: int
+    note: str
 
 
 @dataclass
@@ -144,61 +122,6 @@ class CachesGcReport:
     partials_removed: int = 0
 
 
-class _BuildProgress:
-    """Turns pull events into cache progress and events.
-
-    Events are written as they happen; progress alone at most every ``SAVE_EVERY``
-    seconds, since each write is a database transaction taken on a download thread.
-    """
-
-    SAVE_EVERY = 0.5
-
-    def __init__(self, caches: Caches, name: str, span: tuple[int, int],
-                 forward: Callable[[PullEvent], None] | None) -> None:
-        self.caches, self.name = caches, name
-        self.low, self.high = span
-        self.forward = forward
-        self.total = 0
-        self.done = 0
-        self.saved = -1
-        self.saved_at = 0.0
-        self.lock = threading.Lock()
-
-    def __call__(self, ev: PullEvent) -> None:
-        if self.forward:
-            self.forward(ev)
-        with self.lock:
-            event: tuple[str, str] | None = None
-            if isinstance(ev, PullPlanned):
-                self.total = ev.size
-                return
-            if isinstance(ev, ImageResolved):
-                event = ("ImageResolved", f"{ev.image} resolved to {ev.digest}")
-            elif isinstance(ev, BlobProgress):
-                self.done += ev.delta
-            elif isinstance(ev, BlobDone):
-                if ev.reused:
-                    self.done += ev.size
-                    what = "already in the store" if ev.origin == "store" else f"copied from {ev.origin}"
-                    event = ("LayerReused", f"blob {ev.digest} ({ev.size} bytes) reused: {what}")
-                else:
-                    event = ("LayerFetched", f"blob {ev.digest} ({ev.size} bytes) fetched from the registry")
-            else:
-                return
-            percent = self.low + (self.high - self.low) * self.done // max(self.total, 1)
-            now = time.monotonic()
-            if event is None and (percent <= self.saved or now - self.saved_at < self.SAVE_EVERY):
-                return
-            self.saved, self.saved_at = max(self.saved, percent), now
-
-            def apply(c: ImageCache) -> None:
-                if event is not None:
-                    c.event(*event)
-                c.set_progress(percent)
-
-            self.caches._record(self.name, apply)
-
-
 class Caches:
     """Every image cache under one imc home."""
 
@@ -206,13 +129,12 @@ class Caches:
                  platform: Platform | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
         self.home = Home(home)
         self.store = store or Store(self.home)
-        self.db = CacheDB(self.home.records)
+        self._db = CacheDB(self.home.records)
         self.home.volumes.mkdir(parents=True, exist_ok=True)
         self.secrets = SecretStore(self.home.secrets)
         self.clock = clock
         self.platform = platform
         self.concurrency = concurrency
-        self._listeners: dict[str, Callable[[Event], None]] = {}
 
     @property
     def settings(self) -> Settings:
@@ -221,19 +143,20 @@ class Caches:
     def _lease_path(self, cache_id: str) -> Path:
         return self.home.cache_lock(cache_id)
 
-    def _record(self, name: str, change: Callable[[ImageCache], None]) -> ImageCache:
-        """Change a record; new events also go to whoever watches this build."""
+    def change(self, name: str, change: Callable[[ImageCache], None],
+               on_event: Callable[[Event], None] | None = None) -> ImageCache:
+        """Apply ``change`` to a record in one transaction and return the result; the
+        events it adds also go to ``on_event`` (whoever watches a build)."""
         before: list[int] = []
 
         def counted(cache: ImageCache) -> None:
             before.append(len(cache.events))
             change(cache)
 
-        cache = self.db.update(name, counted)
-        listener = self._listeners.get(name)
-        if listener is not None:
+        cache = self._db.update(name, counted)
+        if on_event is not None:
             for event in cache.events[before[0]:]:
-                listener(event)
+                on_event(event)
         return cache
 
     # -- reading -----------------------------------------------------------------------
@@ -241,18 +164,35 @@ class Caches:
     def get(self, name: str) -> ImageCache:
         """A cache's record, after noticing a builder that died. A name that no cache can
         have is a ValidationError, checked before it is looked up."""
-        return self._reconcile(self.db.get(validate_name(name)))
+        return self._reconcile(self._db.get(validate_name(name)))
 
     def by_id(self, cache_id: str) -> ImageCache:
-        return self._reconcile(self.db.by_id(cache_id))
+        return self._reconcile(self._db.by_id(cache_id))
 
     def list(self) -> list[ImageCache]:
-        return [self._reconcile(c) for c in self.db.list()]
+        return [self._reconcile(c) for c in self._db.list()]
+
+    def exists(self, name: str) -> bool:
+        """Whether a cache of this name exists (in any phase)."""
+        try:
+            self._db.get(validate_name(name))
+        except NotFoundLocalError:
+            return False
+        return True
+
+    def count(self, auto: bool) -> int:
+        """How many automatic (or manual) caches exist: what their quota counts."""
+        return sum(1 for c in self._db.list() if c.auto == auto)
+
+    def ranked(self, wanted: list[tuple[str, str]], min_size_gib: int, limit: int) -> list[Ranked]:
+        """The matcher's ranking of the Ready caches for the wanted (repository,
+        version) pairs, best first, done by SQLite on the records' match index."""
+        return self._db.rank(wanted, min_size_gib, limit)
 
     def revision(self) -> int:
         """A number that changes with every write to any record (a cache's
         ``resource_version`` is its value at that cache's last write): what a watcher polls."""
-        return self.db.revision()
+        return self._db.revision()
 
     def _reconcile(self, cache: ImageCache) -> ImageCache:
         if cache.phase not in BUILDING and cache.volume_state != "packing":
@@ -262,7 +202,7 @@ class Caches:
         except CacheStateError:
             return cache  # its builder is alive
         try:
-            return self._fail(cache.name, "the build process ended before finishing (killed or crashed)")
+            return self.fail(cache.name, "the build process ended before finishing (killed or crashed)")
         except NotFoundLocalError:
             return cache
         finally:
@@ -290,7 +230,7 @@ class Caches:
         settings = self.settings
         lease = BuildLease(self._lease_path(cache.id), wait=True)
         try:
-            self.db.insert(cache, settings.max_auto_caches if auto else settings.max_manual_caches)
+            self._db.insert(cache, settings.max_auto_caches if auto else settings.max_manual_caches)
         except BaseException:
             lease.release()
             raise
@@ -341,7 +281,7 @@ class Caches:
                 cache.event("Updated", "settings changed; no rebuild needed")
 
         try:
-            return self._record(name, apply), lease
+            return self.change(name, apply), lease
         except BaseException:
             if lease:
                 lease.release()
@@ -349,7 +289,7 @@ class Caches:
 
     def delete(self, name: str) -> ImageCache:
         """Delete a cache in any phase; its volume goes now, its blobs at the next gc."""
-        cache = self.db.delete(validate_name(name))
+        cache = self._db.delete(validate_name(name))
         for path in self.home.volumes_of(cache.id):
             path.unlink(missing_ok=True)
         return cache
@@ -357,149 +297,83 @@ class Caches:
     def mark_used(self, name: str) -> ImageCache:
         """Record a hit (automatic caches expire when unused)."""
         now = rfc3339(self.clock())
-        return self.db.update(name, lambda c: setattr(c, "last_used", now))
+        return self._db.update(name, lambda c: setattr(c, "last_used", now))
 
-    # -- building --------------------------------------------------------------------------
+    def take(self, name: str) -> ImageCache:
+        """Mark a cache used if it is Ready, in one transaction: for a choice made from
+        the match index, which is read outside it (the cache may have started an update
+        since). CacheStateError if it is not Ready; NotFoundLocalError if it is gone."""
+        now = rfc3339(self.clock())
 
-    def build(self, name: str, lease: BuildLease, on_pull: Callable[[PullEvent], None] | None = None,
-              on_event: Callable[[Event], None] | None = None, timeout: float | None = None) -> ImageCache:
-        """Run the build of a cache in Creating or Updating, then release the lease.
+        def use(cache: ImageCache) -> None:
+            if cache.phase != READY:
+                raise CacheStateError(f"image cache {cache.name} ({cache.id}) is {cache.phase}, not Ready")
+            cache.last_used = now
 
-        Never raises for a build failure: the failure is the cache's new phase, with an
-        event saying why. ``on_event`` sees each cache event as it is recorded. The pull
-        gives up after ``timeout`` seconds (default: the ``pull_timeout_seconds`` setting).
-        Returns the final record.
+        return self._db.update(name, use)
+
+    def import_volume(self, name: str, spec: CacheSpec, write: Callable[[Path], ImportedVolume],
+                      cache_id: str | None = None) -> ImageCache:
+        """Register a Ready cache whose volume comes whole from elsewhere (an artifact pull).
+
+        The name must be free; it is checked before ``write`` runs, so nothing is
+        fetched for a name that cannot be used. The id is ``cache_id`` when this home
+        does not use it yet (so a pod that names the cache by id finds it on every
+        node), else a new one. ``write(partial)`` writes the volume at ``partial`` and
+        verifies it; the volume then takes its final name and the record is inserted.
+        Nothing is left behind on failure: no record, no partial or final file. The
+        cache's lease is held throughout, so gc leaves the files alone.
         """
-        if on_event is not None:
-            self._listeners[name] = on_event
+        validate_name(name)
+        if self.exists(name):
+            raise AlreadyExistsError(f"name {name!r}: an image cache with this name already exists")
+        if cache_id is None or self._id_taken(cache_id):
+            cache_id = new_cache_id()
         try:
-            self._build(name, on_pull, self.settings.retry_policy(timeout))
-        except NotFoundLocalError:
-            pass  # deleted while building: nothing left to report to
-        except (ImcError, OSError) as e:
-            self._fail(name, getattr(e, "message", None) or f"{type(e).__name__}: {e}",
-                       fatal=isinstance(e, CapacityError))
+            lease = BuildLease(self._lease_path(cache_id))
+        except CacheStateError:
+            raise CacheStateError(f"image cache id {cache_id} is being imported or built by another process") from None
+        generation = 1
+        final = self.home.volume(cache_id, generation)
+        partial = partial_of(final)
+        try:
+            imported = write(partial)
+            os.replace(partial, final)
+            volume = Volume.open(final)
+            stamp = rfc3339(self.clock()) or ""
+            cache = ImageCache(
+                name=name, id=cache_id, spec=spec, created=stamp, phase=READY, progress=100, start_time=stamp,
+                last_updated=stamp, images=imported.images, volume_state="ready", generation=generation,
+                volume=VolumeInfo(str(final), volume.content_bytes, volume.blob_bytes, volume.capacity, generation),
+                unpacked_bytes=imported.unpacked_bytes, events=[Event(stamp, "Normal", "Imported", imported.note)])
+            cache.expire = cache.retention_expiry()
+            self._db.insert(cache, self.settings.max_manual_caches)
         except BaseException:
-            self._fail(name, "the build was interrupted")
+            partial.unlink(missing_ok=True)
+            if not self._volume_of(name, final):
+                final.unlink(missing_ok=True)
             raise
         finally:
             lease.release()
-            self._listeners.pop(name, None)
-        return self.db.get(name)
+        return self.get(name)
 
-    def _build(self, name: str, on_pull: Callable[[PullEvent], None] | None, retry: RetryPolicy) -> None:
-        cache = self.db.get(name)
-        if cache.phase not in BUILDING:
-            raise CacheStateError(f"image cache {name} is {cache.phase}: nothing to build")
-        spec = cache.spec
-        keychain = Keychain([self.secrets.load(s) for s in spec.image_pull_secrets])
-        policy = HostPolicy(frozenset(spec.plain_http), frozenset(spec.insecure))
-        sources = self._reuse_sources(name) if spec.reuse else []
-        # Flash makes a new cache usable from staging; an update keeps serving the old
-        # volume until the new one is packed, so it has nothing to gain from it.
-        early = spec.flash and cache.phase == CREATING
-        span = (5, 90) if early else (5, 80)
-        puller = Puller(self.store, policy, keychain, self.platform, self.concurrency,
-                        on_event=_BuildProgress(self, name, span, on_pull), retry=retry, sources=sources)
-        self._record(name, lambda c: c.event("Pulling", f"pulling {len(spec.images)} images"))
-        with self.store.pinning():
-            result = puller.pull([parse_reference(i) for i in spec.images], record=False)
-            resolved = [self._resolved(img) for img in result.images]
-
-            def staged(c: ImageCache) -> None:
-                c.pinned = _union(c.pinned, resolved)
-                c.bytes_fetched = result.bytes_fetched
-                c.bytes_reused = result.bytes_reused
-                c.event("ImagesPulled", f"{len(resolved)} images local and verified: fetched "
-                        f"{result.bytes_fetched} bytes in {result.blobs_fetched} blobs, reused "
-                        f"{result.bytes_reused} bytes in {result.blobs_reused} blobs")
-
-            self._record(name, staged)
-        faults.checkpoint("pulled")
-        capacity = spec.size_gib * GIB
-        blobs = self._blobs(resolved)
-        if early:
-            # Usable now if the layers' own size headers fit; the exact count follows.
-            declared = sum(self.store.declared_unpacked_size(b) for b in blobs)
-            self._check_capacity(declared, spec.size_gib)
-
-            def flash_ready(c: ImageCache) -> None:
-                c.images = resolved
-                c.enter(READY)
-                c.volume_state = "packing"
-                c.event("FlashReady", "usable now from local staging; packing the volume in the background")
-
-            self._record(name, flash_ready)
-            faults.checkpoint("flash-ready")
-        # Count up to twice the size: enough to say how much is needed, while a
-        # decompression bomb costs at most that much work.
-        unpacked = self._unpacked_size(blobs, 2 * capacity)
-        self._check_capacity(unpacked, spec.size_gib)
-
-        def checked(c: ImageCache) -> None:
-            c.unpacked_bytes = unpacked
-            c.set_progress(span[1])
-            c.event("CapacityChecked", f"{unpacked} bytes unpacked fit {spec.size_gib} GiB")
-
-        cache = self._record(name, checked)
-        generation = cache.generation + 1
-        path = self.home.volume(cache.id, generation)
-        meta = {"cache": name, "id": cache.id, "generation": generation,
-                "images": [{"name": i.name, "digest": i.digest, "mediaType": i.media_type, "index": i.index,
-                            "indexMediaType": i.index_media_type, "platform": i.platform} for i in resolved]}
-        if not early:
-            self._record(name, lambda c: setattr(c, "volume_state", "packing" if c.volume is None else c.volume_state))
-        faults.checkpoint("packing")
-        vol = volumes.pack(self.store, blobs, path, capacity, meta, on_progress=self._pack_progress(name, span[1]))
+    def _id_taken(self, cache_id: str) -> bool:
         try:
-            self._record(name, lambda c: self._switch_to_volume(c, vol, resolved, generation))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        faults.checkpoint("switched")
-        for old in self.home.volumes_of(cache.id):
-            if old != path:
-                old.unlink(missing_ok=True)  # the previous generation, now replaced
+            self._db.by_id(cache_id)
+        except NotFoundLocalError:
+            return False
+        return True
 
-    @staticmethod
-    def _check_capacity(unpacked: int, size_gib: int) -> None:
-        capacity = size_gib * GIB
-        if unpacked > 2 * capacity:
-            raise CapacityError(f"the images need more than {2 * size_gib} GiB unpacked, more than twice the "
-                                f"cache's imageCacheSize of {size_gib} GiB")
-        if unpacked > capacity:
-            raise CapacityError(f"the images need {unpacked / GIB:.2f} GiB unpacked, more than the cache's "
-                                f"imageCacheSize of {size_gib} GiB; use a size of at least "
-                                f"{-(-unpacked // GIB)} GiB")
+    def _volume_of(self, name: str, path: Path) -> bool:
+        """Whether the cache ``name`` exists and is served from the volume at ``path``."""
+        try:
+            found = self._db.get(name)
+        except NotFoundLocalError:
+            return False
+        return found.volume is not None and Path(found.volume.path) == path
 
-    def _switch_to_volume(self, c: ImageCache, vol: Volume, resolved: list[ResolvedImage], generation: int) -> None:
-        flash_release = c.phase == READY and c.volume_state == "packing"
-        c.volume = VolumeInfo(str(vol.path), vol.content_bytes, vol.blob_bytes, vol.capacity, generation)
-        c.volume_state = "ready"
-        c.generation = generation
-        c.images = resolved
-        c.pinned = []
-        c.message = ""
-        c.event("VolumePacked", f"volume {vol.path.name}: {vol.blob_bytes} bytes of blobs in "
-                f"{vol.content_bytes} bytes on disk")
-        if flash_release:
-            c.event("StagingReleased", "serving from the packed volume; the staging copy is released")
-        if c.phase != READY:
-            c.enter(READY)
-            c.event("Ready", "every blob of every image is in the volume and verified")
-
-    def _pack_progress(self, name: str, low: int) -> Callable[[PackProgress], None]:
-        saved = [-1]
-
-        def report(p: PackProgress) -> None:
-            percent = low + (99 - low) * p.bytes_done // max(p.bytes_total, 1)
-            if percent > saved[0]:
-                saved[0] = percent
-                self._record(name, lambda c: c.set_progress(percent) if c.phase != READY else None)
-
-        return report
-
-    def _fail(self, name: str, reason: str, fatal: bool = False) -> ImageCache:
+    def fail(self, name: str, reason: str, fatal: bool = False,
+             on_event: Callable[[Event], None] | None = None) -> ImageCache:
         """Record a failed build in the phase it deserves, keeping what still serves.
 
         ``fatal`` failures (the images do not fit) fail a flash cache that was already
@@ -523,51 +397,7 @@ class Caches:
                 c.volume_state = "failed"
                 c.event("VolumePackFailed", f"{reason}; still serving from local staging", "Warning", when=now)
 
-        return self._record(name, failed)
-
-    def _resolved(self, img: PulledImage) -> ResolvedImage:
-        index_media_type = index_size = None
-        if img.index_digest:
-            raw = self.store.read_blob(img.index_digest)
-            index_size = len(raw)
-            node = self.store.manifest(img.index_digest)
-            index_media_type = node.media_type if isinstance(node, Index) else None
-        return ResolvedImage(img.name, str(img.descriptor.digest), img.descriptor.media_type, img.descriptor.size,
-                             str(img.index_digest) if img.index_digest else None, index_media_type, index_size,
-                             str(img.platform) if img.platform else None)
-
-    def _blobs(self, images: list[ResolvedImage]) -> list[Descriptor]:
-        """Every blob the volume must hold: indexes, manifests, configs, layers."""
-        out: dict[Digest, Descriptor] = {}
-        for i in images:
-            if i.index:
-                d = Digest.parse(i.index)
-                out.setdefault(d, Descriptor(i.index_media_type or "", d, i.index_size or 0))
-            d = Digest.parse(i.digest)
-            out.setdefault(d, Descriptor(i.media_type, d, i.size))
-            node = self.store.manifest(d)
-            for blob in node.blobs():  # type: ignore[union-attr]
-                out.setdefault(blob.digest, blob)
-        return list(out.values())
-
-    def _unpacked_size(self, blobs: list[Descriptor], limit: int) -> int:
-        """The blobs' unpacked size, or any number above ``limit`` once it is exceeded."""
-        total = 0
-        for blob in blobs:
-            total += self.store.unpacked_size(blob, limit=limit - total)
-            if total > limit:
-                break
-        return total
-
-    def _reuse_sources(self, exclude: str) -> list[VolumeSource]:
-        out = []
-        for cache in self.db.list():
-            if cache.name != exclude and cache.volume and cache.volume_state == "ready":
-                try:
-                    out.append(VolumeSource(cache.name, Volume.open(Path(cache.volume.path))))
-                except ImcError:
-                    continue
-        return out
+        return self.change(name, failed, on_event)
 
     # -- expiry and reclaiming --------------------------------------------------------------
 
@@ -596,7 +426,7 @@ class Caches:
 
     def _pinned(self) -> set[Digest]:
         out: set[Digest] = set()
-        for cache in self.db.list():
+        for cache in self._db.list():
             for image in cache.pinned:
                 out.add(Digest.parse(image.digest))
                 if image.index:
@@ -608,12 +438,12 @@ class Caches:
         exist, when no builder holds them. Each is checked against the record again once
         the cache's lease is held: a build that finished, or a cache that was created,
         after the records were first read keeps its files."""
-        records = {c.id: c for c in self.db.list()}
+        records = {c.id: c for c in self._db.list()}
         removed = 0
 
         def wanted(cache_id: str, path: Path | None) -> bool:
             try:
-                cache = self.db.by_id(cache_id)
+                cache = self._db.by_id(cache_id)
             except NotFoundLocalError:
                 return False
             return path is None or (cache.volume is not None and Path(cache.volume.path) == path)
@@ -645,8 +475,3 @@ class Caches:
             finally:
                 lease.release()
         return removed
-
-
-def _union(a: list[ResolvedImage], b: list[ResolvedImage]) -> list[ResolvedImage]:
-    seen = {i.digest for i in a}
-    return a + [i for i in b if i.digest not in seen]

@@ -13,7 +13,7 @@ name a cache id or ask for auto-match. The rules, in order:
 
 Every hit marks the cache as used, which keeps automatic caches from expiring.
 
-Ranking is one SQL query over the records' match index (kept by ``CacheDB``): only
+Ranking is one SQL query over the records' match index (``Caches.ranked``): only
 the Ready caches holding a requested repository, as small rows, scored and ordered by
 SQLite, so a choice among thousands of caches costs that query and one record update,
 not a decode of every record.
@@ -40,7 +40,6 @@ from builder.imagecache import (
     CacheSpec,
     ImageCache,
     match_keys,
-    rfc3339,
     validate_name,
 )
 from builder.registry.auth import SecretStore
@@ -155,33 +154,13 @@ def rank(entries: Iterable[Entry], request: MatchRequest) -> list[Candidate]:
     return candidates
 
 
-# The same rules in SQL over the match index (kept by CacheDB: a row per Ready cache and
-# repository, with the versions it holds as ' v1 v2 '): each cache big enough is joined
-# with the wanted (repository, version) pairs on repository; ``exact`` counts the pairs
-# whose version it holds and ``held`` those whose repository it holds.
-_RANK_SQL = """
-WITH wanted(repository, version) AS (VALUES {pairs})
-SELECT m.name, m.id, m.size_gib, m.created,
-       SUM(instr(m.versions, ' ' || wanted.version || ' ') > 0) AS exact, COUNT(*) AS held
-FROM match_index m JOIN wanted ON m.repository = wanted.repository
-WHERE m.size_gib >= ?
-GROUP BY m.name
-ORDER BY exact DESC, held - exact DESC, m.size_gib, m.created DESC, m.name
-LIMIT ?
-"""
-
-
 def rank_index(caches: Caches, request: MatchRequest, limit: int = RANKING_LIMIT) -> list[Candidate]:
-    """``rank`` over every Ready cache of a home, done by SQLite on the match index:
-    the best ``limit``, without loading a record (what keeps a match among 10,000
-    caches in milliseconds)."""
+    """``rank`` over every Ready cache of a home, done by SQLite on the records' match
+    index (the same rules, written in SQL in ``builder.records``): the best ``limit``,
+    without loading a record (what keeps a match among 10,000 caches in milliseconds)."""
     wanted = list(dict.fromkeys(_split(i) for i in request.images))
-    if not wanted:
-        return []
-    sql = _RANK_SQL.format(pairs=", ".join("(?, ?)" for _ in wanted))
-    rows = caches.db.query(sql, (*(x for pair in wanted for x in pair), request.storage_gib, limit))
-    return [Candidate(Entry(name, cache_id, size, created), exact, held - exact)
-            for name, cache_id, size, created, exact, held in rows]
+    return [Candidate(Entry(r.name, r.id, r.size_gib, r.created), r.exact, r.held - r.exact)
+            for r in caches.ranked(wanted, request.storage_gib, limit)]
 
 
 class _NotReady(Exception):
@@ -228,15 +207,10 @@ class Matcher:
     def _take(self, name: str) -> ImageCache:
         """Mark a cache used, if it is still Ready: the index was read outside this
         transaction, and a cache may have started an update or been deleted since."""
-        now = rfc3339(self.caches.clock())
-
-        def use(cache: ImageCache) -> None:
-            if cache.phase != READY:
-                raise _NotReady(cache.phase)
-            cache.last_used = now
-
         try:
-            return self.caches.db.update(name, use)
+            return self.caches.take(name)
+        except CacheStateError:
+            raise _NotReady("no longer Ready") from None
         except NotFoundLocalError:
             raise _NotReady("deleted") from None
 
@@ -256,9 +230,9 @@ class Matcher:
             warnings.append(f"image cache {cache.name} ({cache.id}) does not hold {', '.join(missing)}: "
                             "these are pulled from the registry")
         try:
-            cache = self._take(cache.name)
-        except _NotReady as e:
-            raise CacheStateError(f"image cache {cache.name} ({cache.id}) is {e}, not Ready") from None
+            cache = self.caches.take(cache.name)  # a CacheStateError if it left Ready since
+        except NotFoundLocalError:
+            raise CacheStateError(f"image cache {cache.name} ({cache.id}) is deleted, not Ready") from None
         return Match(cache, f"explicit cache id {cache.id}", warnings=tuple(warnings))
 
     def _auto_create(self, request: MatchRequest, warnings: list[str]) -> Match:

@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from builder import __version__
-from builder.cli.common import EXIT_USAGE, Context
-from builder.errors import ImcError
+from builder.cli.common import Context
+from builder.errors import ExitCode, ImcError
 from builder.home import default_home
 
 # Each command's module is imported only when the command runs (or --help lists
@@ -72,12 +72,12 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("imc: aborted", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except KeyboardInterrupt:
         click.echo("imc: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except click.ClickException as e:
         e.show()
-        sys.exit(EXIT_USAGE if e.exit_code == 2 else e.exit_code)
+        sys.exit(e.exit_code)
     except BrokenPipeError:
-        sys.exit(1)
+        sys.exit(ExitCode.ERROR)

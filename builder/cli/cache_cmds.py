@@ -12,6 +12,7 @@ from typing import Any
 import click
 import yaml
 
+from builder.build import Builder
 from builder.caches import UNSET, BuildLease, Caches
 from builder.cli.artifact_cmds import volume_pull, volume_push
 from builder.cli.common import (
@@ -27,7 +28,7 @@ from builder.cli.common import (
     show,
     timeout_option,
 )
-from builder.errors import ImcError, ValidationError
+from builder.errors import BuildFailedError, ExitCode, ValidationError
 from builder.export import FORMATS, OCI_ARCHIVE, export_archive, stream_archive
 from builder.home import open_unlinked
 from builder.imagecache import (
@@ -45,22 +46,17 @@ from builder.volume import Volume
 MAX_DOCUMENT_BYTES = 1 << 20
 
 
-class CacheFailed(ImcError):
-    """A build that ended Failed or UpdateFailed, reported by ``--wait``."""
-
-    exit_code = 12
-
-
 def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, quiet: bool,
               timeout: float | None = None) -> ImageCache:
     """Build now (``--wait``: here, with progress) or in a detached builder process;
     its pull gives up after ``timeout`` seconds (default: the settings')."""
     if wait:
         progress = None if quiet else PullProgress()
-        final = ctx.caches.build(cache.name, lease, on_pull=progress,
-                                 on_event=None if progress is None else progress.cache_event, timeout=timeout)
+        final = Builder(ctx.caches).build(cache.name, lease, on_pull=progress,
+                                          on_event=None if progress is None else progress.cache_event,
+                                          timeout=timeout)
         if final.phase in (FAILED, UPDATE_FAILED):
-            raise CacheFailed(f"image cache {final.name} is {final.phase}: {final.message}")
+            raise BuildFailedError(f"image cache {final.name} is {final.phase}: {final.message}")
         return final
     ctx.home.logs.mkdir(parents=True, exist_ok=True)
     with os.fdopen(open_unlinked(ctx.home.build_log(cache.name), os.O_WRONLY | os.O_APPEND), "ab") as log:
@@ -119,7 +115,7 @@ def cache_create(ctx: Context, name: str, images: tuple[str, ...], size_gib: int
 @pass_ctx
 def cache_build(ctx: Context, name: str, lease_fd: int, timeout: float | None) -> None:
     """(internal) The detached builder process started by create, update and apply."""
-    ctx.caches.build(name, BuildLease.adopt(lease_fd), timeout=timeout)
+    Builder(ctx.caches).build(name, BuildLease.adopt(lease_fd), timeout=timeout)
 
 
 @cache.command("list")
@@ -317,7 +313,7 @@ def volume_verify(ctx: Context, name: str, output: str) -> None:
         for d in report.corrupt:
             click.echo(f"corrupt {d}")
     if report.corrupt:
-        sys.exit(4)
+        sys.exit(ExitCode.DIGEST)
 
 
 @volume.command("export")

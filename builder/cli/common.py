@@ -23,9 +23,6 @@ if TYPE_CHECKING:
     from builder.imagecache import Event, ImageCache
     from builder.pull import PullEvent, PullResult
 
-EXIT_USAGE = 2
-
-
 def human(n: float) -> str:
     """Bytes as people read them (decimal units, like registries and skopeo)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):

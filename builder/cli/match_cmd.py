@@ -9,16 +9,9 @@ import click
 
 from builder.cli.cache_cmds import load_documents, run_build
 from builder.cli.common import Context, emit, output_option, pass_ctx
-from builder.errors import ImcError, ValidationError
+from builder.errors import NoMatchError, ValidationError
 from builder.imagecache import ImageCache
 from builder.matcher import Match, Matcher, MatchRequest, request_from_pod
-
-
-class NoMatchError(ImcError):
-    """No Ready cache fits the request and auto-match is off: the container would pull
-    everything from the registry, which scripts want to tell apart from a failure."""
-
-    exit_code = 13
 
 
 def _workloads(documents: list[Any]) -> list[Any]:

@@ -21,7 +21,7 @@ from builder.cli.common import (
     timeout_option,
 )
 from builder.digest import Digest
-from builder.errors import NotFoundLocalError, ValidationError
+from builder.errors import ExitCode, NotFoundLocalError, ValidationError
 from builder.oci import Platform, layer_compression
 from builder.pull import DEFAULT_CONCURRENCY, Puller
 from builder.reference import parse as parse_reference
@@ -141,7 +141,7 @@ def layers_verify(ctx: Context, output: str) -> None:
         for d in report.missing:
             click.echo(f"missing {d}")
     if not report.ok:
-        sys.exit(4)
+        sys.exit(ExitCode.DIGEST)
 
 
 @click.command()

@@ -45,8 +45,11 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 from yaml.composer import ComposerError
 
+from builder.build import Builder
 from builder.caches import STALE, BuildLease, Caches
 from builder.errors import (
+    AlreadyExistsError,
+    CacheDeletedError,
     CacheStateError,
     ImcError,
     NotFoundLocalError,
@@ -93,8 +96,6 @@ any process: this server's builds, the CLI, detached builds."""
 
 class RunnerClosedError(ImcError):
     """The build runner is shut down (the server is stopping): no new builds start."""
-
-    exit_code = 13
 
 
 class BuildSubmitter(Protocol):
@@ -144,17 +145,17 @@ class BuildRunner:
     it at once, so the cache is not left looking built-by-someone forever.
     """
 
-    def __init__(self, caches: Caches, workers: int = 2) -> None:
+    def __init__(self, builder: Builder, workers: int = 2) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        self.caches = caches
+        self.builder = builder
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imc-build")
         self._lock = threading.RLock()  # RLock: a done callback may run inside submit
         self._leases: dict[Future[None], BuildLease] = {}
         self._closed = False
 
     def submit(self, name: str, lease: BuildLease) -> None:
-        """Queue ``caches.build(name, lease)``; raises RunnerClosedError after shutdown."""
+        """Queue ``Builder.build(name, lease)``; raises RunnerClosedError after shutdown."""
         with self._lock:
             if self._closed:
                 lease.release()
@@ -165,11 +166,11 @@ class BuildRunner:
 
     def _run(self, name: str, lease: BuildLease) -> None:
         try:
-            self.caches.build(name, lease)
-        except NotFoundLocalError:
+            self.builder.build(name, lease)
+        except CacheDeletedError:
             pass  # deleted while it was building: nothing is left to report to
         except Exception:
-            # caches.build records build failures on the cache itself; anything that
+            # Builder.build records build failures on the cache itself; anything that
             # escapes is a bug, logged here because no caller is waiting for it.
             log.exception("build of image cache %s ended with an unexpected error", name)
         finally:
@@ -345,11 +346,9 @@ class ImageCacheAPI:
             return self._would_create(name, spec, no_effect)
         try:
             cache, lease = self.caches.create(name, spec, no_effect=no_effect)
+        except AlreadyExistsError:
+            raise _already_exists(name) from None
         except ValidationError as e:
-            # The record store says "already exists" with the same error type as a bad
-            # field; the spec was validated above, so a name that now exists is the cause.
-            if self._exists(name):
-                raise _already_exists(name) from None
             raise _invalid(name, e.message) from None
         except QuotaError as e:
             raise ApiError(403, "Forbidden", f"{RESOURCE}.{GROUP} {_quote(name)} is forbidden: {e.message}",
@@ -370,7 +369,7 @@ class ImageCacheAPI:
 
     def _would_create(self, name: str, spec: CacheSpec, no_effect: AnnotationReport) -> dict[str, Any]:
         """``dryRun=All``: the checks ``create`` makes, none of its writes."""
-        if self._exists(name):
+        if self.caches.exists(name):
             raise _already_exists(name)
         try:
             for secret in spec.image_pull_secrets:
@@ -378,7 +377,7 @@ class ImageCacheAPI:
         except ValidationError as e:
             raise _invalid(name, e.message) from None
         settings = self.caches.settings
-        manual = sum(1 for c in self.caches.db.list() if not c.auto)
+        manual = self.caches.count(auto=False)
         if manual >= settings.max_manual_caches:
             raise ApiError(403, "Forbidden", f"{RESOURCE}.{GROUP} {_quote(name)} is forbidden: quota exceeded: "
                            f"{manual} manual image caches exist, the maximum is {settings.max_manual_caches}", name)
@@ -441,7 +440,7 @@ class ImageCacheAPI:
         if media == APPLY_PATCH:
             if not (query.get("fieldManager") or [""])[-1]:
                 raise ApiError(400, "BadRequest", "fieldManager is required for apply requests", name)
-            if not self._exists(name):
+            if not self.caches.exists(name):
                 if _claimed_name(patch) != name:
                     raise ApiError(400, "BadRequest", f"the name in the object does not match the name in the path "
                                    f"({_quote(name)})", name)
@@ -537,13 +536,6 @@ class ImageCacheAPI:
                     changes.append((cache.resource_version, "MODIFIED" if before else "ADDED", obj))
             for _, kind, obj in sorted(changes, key=lambda c: c[0]):
                 yield kind, obj
-
-    def _exists(self, name: str) -> bool:
-        try:
-            self.caches.db.get(name)
-        except NotFoundLocalError:
-            return False
-        return True
 
 
 class _WatchStream:

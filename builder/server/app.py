@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 from requests.structures import CaseInsensitiveDict
 
 from builder import __version__
+from builder.build import Builder
 from builder.caches import Caches
 from builder.errors import ImcError, ValidationError
 from builder.pull import Puller
@@ -248,7 +249,7 @@ class Server:
         self.caches = caches
         self.metrics = Metrics()
         self.registry = RegistryEndpoint(caches, pull_through, upstreams)
-        self.builds = BuildRunner(caches, workers=build_workers)
+        self.builds = BuildRunner(Builder(caches), workers=build_workers)
         self.api = ImageCacheAPI(caches, self.builds, token=api_token)
         self.sweep_interval = sweep_interval
         self._httpd = _HTTPServer(listen, self)

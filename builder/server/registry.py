@@ -183,7 +183,7 @@ class ServeIndex:
             tags: list[Tagged] = []
             blobs: dict[Digest, Blob] = {}
             volumes: dict[Path, Volume] = {}
-            serving = [c for c in self.caches.db.list() if c.phase in SERVING_PHASES and c.source]
+            serving = [c for c in self.caches.list() if c.phase in SERVING_PHASES and c.source]
             for cache in serving:
                 for image in cache.images:
                     ref = reference.parse(image.name)

@@ -30,6 +30,7 @@ from builder.artifact import (
     pull_cache,
     push_cache,
 )
+from builder.build import Builder
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
 from builder.reference import parse as parse_reference
@@ -70,7 +71,7 @@ def home_a(tmp_path_factory: pytest.TempPathFactory, origin: CutProxy) -> Path:
     caches = Caches(home)
     _, lease = caches.create("web", CacheSpec(images=[f"{origin.host}/{r}" for r in REFS],
                                                     plain_http=[origin.host], retention_days=7))
-    built = caches.build("web", lease)
+    built = Builder(caches).build("web", lease)
     assert built.phase == "Ready", built.message
     return home
 
@@ -260,7 +261,7 @@ def test_pushing_a_cache_that_is_not_ready_is_refused(tmp_path: Path, plain_regi
         lease.release()
     _, lease = caches.create("broken", CacheSpec(images=[f"{origin.host}/fixtures/nothing:1.0"],
                                                  plain_http=[origin.host]))
-    assert caches.build("broken", lease).phase == "Failed"
+    assert Builder(caches).build("broken", lease).phase == "Failed"
     out = imc(home, "volume", "push", "broken", f"{reg}/imc/broken:v1", "--plain-http", reg)
     assert out.returncode == 9 and "Failed" in out.stderr
     for repo in ("pending", "broken"):

@@ -15,10 +15,17 @@ import imagegen
 import pytest
 import yaml
 
-from builder import caches as caches_module
+from builder import build as build_module
+from builder.build import Builder
 from builder.caches import BuildLease, Caches
 from builder.digest import Digest
-from builder.errors import CacheStateError, NotFoundLocalError, QuotaError, ValidationError
+from builder.errors import (
+    AlreadyExistsError,
+    CacheStateError,
+    NotFoundLocalError,
+    QuotaError,
+    ValidationError,
+)
 from builder.home import Home
 from builder.imagecache import CacheSpec, Settings, parse_time
 from builder.volume import Volume
@@ -37,7 +44,7 @@ def blobs_of(catalogue: dict[str, Any], ref: str) -> list[dict[str, Any]]:
 
 def build(caches: Caches, name: str, s: CacheSpec) -> Any:
     _created, lease = caches.create(name, s)
-    return caches.build(name, lease)
+    return Builder(caches).build(name, lease)
 
 
 def volume_files(home: Path) -> list[str]:
@@ -129,7 +136,7 @@ def test_update_rebuilds_and_replaces_the_volume(tmp_path: Path, plain_registry:
     assert updated.phase == "Updating" and lease is not None
     with pytest.raises(CacheStateError):  # a second update while this one builds
         caches.update("app", retention_days=3)
-    result = caches.build("app", lease)
+    result = Builder(caches).build("app", lease)
     assert result.phase == "Ready" and result.generation == 2
     assert [i.name for i in result.images] == [f"{plain_registry.host}/fixtures/app:2.0"]
     assert volume_files(tmp_path) == [Path(result.volume.path).name]
@@ -141,13 +148,13 @@ def test_failed_update_keeps_the_previous_volume_serving(tmp_path: Path, plain_r
     caches = Caches(tmp_path)
     first = build(caches, "app", spec(plain_registry, "fixtures/app:1.0"))
     _, lease = caches.update("app", images=[f"{plain_registry.host}/fixtures/app:404"])
-    result = caches.build("app", lease)
+    result = Builder(caches).build("app", lease)
     assert result.phase == "UpdateFailed" and "not found" in result.message
     assert result.images == first.images and result.volume == first.volume and result.source == "volume"
     assert Volume.open(Path(first.volume.path)).verify().corrupt == []
     # UpdateFailed allows another update, which succeeds.
     _, lease = caches.update("app", images=[f"{plain_registry.host}/fixtures/app:2.0"])
-    assert caches.build("app", lease).phase == "Ready"
+    assert Builder(caches).build("app", lease).phase == "Ready"
 
 
 def test_retention_only_update_needs_no_rebuild(tmp_path: Path, plain_registry: Any) -> None:
@@ -211,13 +218,13 @@ def test_flash_is_usable_from_staging_before_the_volume_is_packed(tmp_path: Path
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     caches = Caches(tmp_path)
     seen = []
-    real_pack = caches_module.volumes.pack
+    real_pack = build_module.volumes.pack
 
     def observing_pack(*args: Any, **kw: Any) -> Any:
         seen.append(caches.get("fast"))  # what a reader sees while the volume is being packed
         return real_pack(*args, **kw)
 
-    monkeypatch.setattr(caches_module.volumes, "pack", observing_pack)
+    monkeypatch.setattr(build_module.volumes, "pack", observing_pack)
     result = build(caches, "fast", spec(plain_registry, "fixtures/app:1.0", flash=True))
     during = seen[0]
     assert during.phase == "Ready" and during.source == "staging" and during.volume_state == "packing"
@@ -236,7 +243,7 @@ def test_retention_and_unused_automatic_caches_expire(tmp_path: Path, plain_regi
     build(caches, "week", spec(plain_registry, "fixtures/base:1.0", retention_days=7))
     _, lease = caches.create("auto-create-for-eci-1", spec(plain_registry, "fixtures/base:1.0"), auto=True,
                              instance_id="eci-1")
-    caches.build("auto-create-for-eci-1", lease)
+    Builder(caches).build("auto-create-for-eci-1", lease)
     build(caches, "forever", spec(plain_registry, "fixtures/base:1.0"))
     clock.now += dt.timedelta(days=6)
     assert caches.gc().deleted == []
@@ -289,8 +296,9 @@ def test_invalid_spec_writes_nothing(tmp_path: Path, name: str, kw: dict[str, An
 def test_duplicate_name_is_refused(tmp_path: Path, plain_registry: Any) -> None:
     caches = Caches(tmp_path)
     first = build(caches, "dup", spec(plain_registry, "fixtures/base:1.0"))
-    with pytest.raises(ValidationError, match="already exists"):
+    with pytest.raises(AlreadyExistsError, match="already exists") as refused:
         caches.create("dup", spec(plain_registry, "fixtures/app:1.0"))
+    assert refused.value.exit_code == 2
     assert caches.get("dup") == first
 
 
@@ -476,17 +484,17 @@ def test_lease_cannot_be_taken_twice(tmp_path: Path) -> None:
 def test_update_without_changes_repacks_a_flash_cache_whose_packing_failed(tmp_path: Path, plain_registry: Any,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     caches = Caches(tmp_path)
-    real_pack = caches_module.volumes.pack
+    real_pack = build_module.volumes.pack
 
     def failing_pack(*args: Any, **kw: Any) -> Any:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(caches_module.volumes, "pack", failing_pack)
+    monkeypatch.setattr(build_module.volumes, "pack", failing_pack)
     broken = build(caches, "fl", spec(plain_registry, "fixtures/app:1.0", flash=True))
     assert broken.phase == "Ready" and broken.volume_state == "failed" and broken.source == "staging"
-    monkeypatch.setattr(caches_module.volumes, "pack", real_pack)
+    monkeypatch.setattr(build_module.volumes, "pack", real_pack)
     updating, lease = caches.update("fl")
     assert lease is not None and updating.phase == "Updating" and updating.source == "staging"
-    repaired = caches.build("fl", lease)
+    repaired = Builder(caches).build("fl", lease)
     assert repaired.phase == "Ready" and repaired.source == "volume" and repaired.pinned == []
     assert Volume.open(Path(repaired.volume.path)).verify().corrupt == []

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from builder.build import Builder
 from builder.caches import Caches
 from builder.cli import cli
 from builder.digest import Digest
@@ -71,7 +72,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, plain_registry: Any) -> dict
                             ("base", "fixtures/base:1.0", 40)):
         _, lease = caches.create(name, CacheSpec(images=[f"{plain_registry.host}/{ref}"], size_gib=size,
                                                  plain_http=[plain_registry.host]))
-        result = caches.build(name, lease)
+        result = Builder(caches).build(name, lease)
         assert result.phase == "Ready", result.message
         out[name] = result
     return out

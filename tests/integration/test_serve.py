@@ -17,7 +17,8 @@ import requests
 import yaml
 from support.cutproxy import CutProxy
 
-from builder import caches as caches_module
+from builder import build as build_module
+from builder.build import Builder
 from builder.caches import Caches
 from builder.digest import Digest
 from builder.imagecache import CacheSpec
@@ -40,7 +41,7 @@ def upstream(plain_registry: Any) -> Iterator[CutProxy]:
 
 def build(caches: Caches, name: str, host: str, *refs: str, **kw: Any) -> Any:
     _created, lease = caches.create(name, CacheSpec(images=[f"{host}/{r}" for r in refs], plain_http=[host], **kw))
-    result = caches.build(name, lease)
+    result = Builder(caches).build(name, lease)
     assert result.phase == "Ready", result.message
     return result
 
@@ -241,7 +242,7 @@ def test_flash_cache_serves_from_staging_while_packing(tmp_path: Path, upstream:
     caches = Caches(tmp_path / "home")
     server = Server(caches, ("127.0.0.1", 0), sweep_interval=0).start()
     served_during_pack: list[int] = []
-    real_pack = caches_module.volumes.pack
+    real_pack = build_module.volumes.pack
     layer = catalogue["images"]["fixtures/app:1.0"]["manifests"][0]["layers"][0]
 
     def pack_after_a_pull(*args: Any, **kw: Any) -> Any:
@@ -250,7 +251,7 @@ def test_flash_cache_serves_from_staging_while_packing(tmp_path: Path, upstream:
         assert "sha256:" + hashlib.sha256(resp.content).hexdigest() == layer["digest"]
         return real_pack(*args, **kw)
 
-    monkeypatch.setattr(caches_module.volumes, "pack", pack_after_a_pull)
+    monkeypatch.setattr(build_module.volumes, "pack", pack_after_a_pull)
     try:
         build(caches, "flash", upstream.host, "fixtures/app:1.0", flash=True)
         assert served_during_pack == [200]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from builder.build import Builder
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
 from builder.pull import Puller
@@ -56,7 +57,7 @@ def caches(tmp_path: Path, plain_registry: Any) -> Caches:
     caches = Caches(tmp_path / "home")
     host = plain_registry.host
     _, lease = caches.create("web", CacheSpec(images=[f"{host}/fixtures/app:1.0"], plain_http=[host]))
-    assert caches.build("web", lease).phase == "Ready"
+    assert Builder(caches).build("web", lease).phase == "Ready"
     return caches
 
 

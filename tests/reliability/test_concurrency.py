@@ -26,6 +26,7 @@ from support.imccli import (
     start,
 )
 
+from builder.build import Builder
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
 from builder.oci import Platform
@@ -111,7 +112,7 @@ def test_six_overlapping_builds_fetch_each_shared_layer_once_while_gc_runs(
 def _armed_after_store_gc(caches: Caches, monkeypatch: Any, action: Any) -> None:
     """Run ``action`` once, inside ``caches.gc()``, right after gc has read the cache
     records for its sweep of volumes and lock files (the first read after store gc)."""
-    real_gc, real_list = caches.store.gc, caches.db.list
+    real_gc, real_list = caches.store.gc, caches._db.list
     state = {"armed": False, "done": False}
 
     def store_gc(*args: Any, **kw: Any) -> Any:
@@ -127,7 +128,7 @@ def _armed_after_store_gc(caches: Caches, monkeypatch: Any, action: Any) -> None
         return records
 
     monkeypatch.setattr(caches.store, "gc", store_gc)
-    monkeypatch.setattr(caches.db, "list", db_list)
+    monkeypatch.setattr(caches._db, "list", db_list)
 
 
 def test_gc_keeps_the_volume_of_a_build_that_finishes_while_gc_sweeps(
@@ -138,7 +139,7 @@ def test_gc_keeps_the_volume_of_a_build_that_finishes_while_gc_sweeps(
     finished: list[Any] = []
     # gc reads the records while "late" is still building; the build then completes
     # (volume renamed into place, record switched, lease released) before gc sweeps.
-    _armed_after_store_gc(caches, monkeypatch, lambda: finished.append(caches.build("late", lease)))
+    _armed_after_store_gc(caches, monkeypatch, lambda: finished.append(Builder(caches).build("late", lease)))
     caches.gc()
     assert finished and finished[0].phase == "Ready", finished
     monkeypatch.undo()
@@ -161,5 +162,5 @@ def test_gc_does_not_remove_the_lease_of_a_cache_being_created(
         # building, not conclude from a fresh lock file that the builder died.
         assert Caches(tmp_path).get("new").phase == "Creating"
     finally:
-        result = caches.build("new", lease)
+        result = Builder(caches).build("new", lease)
     assert result.phase == "Ready", result.message

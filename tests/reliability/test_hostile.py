@@ -39,6 +39,7 @@ import yaml
 from support.countproxy import CountingProxy
 from support.faultserver import OCI_CONFIG, OCI_INDEX, FaultServer
 
+from builder.build import Builder
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
 from builder.registry.auth import Keychain
@@ -174,7 +175,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, plain_registry: Any,
     host = plain_registry.host
     caches = Caches(home)
     _, lease = caches.create("web", CacheSpec(images=[f"{host}/fixtures/app:1.0"], plain_http=[host]))
-    assert caches.build("web", lease).phase == "Ready"
+    assert Builder(caches).build("web", lease).phase == "Ready"
     out = imc(home, "pull", "-q", "--plain-http", host, f"{host}/fixtures/base:1.0")
     assert out.returncode == 0, text(out)
     server = Server(caches, ("127.0.0.1", 0), sweep_interval=0).start()
@@ -499,7 +500,7 @@ def test_unknown_layer_media_type_is_pulled_cached_and_served_byte_exact(tmp_pat
     assert (store / image["layer"].split(":")[1]).read_bytes() == image["layer_bytes"]
     caches = Caches(home)
     _, lease = caches.create("opaque", CacheSpec(images=[f"{host}/{repo}:1.0"], plain_http=[host]))
-    built = caches.build("opaque", lease)
+    built = Builder(caches).build("opaque", lease)
     assert built.phase in ("Ready", "Failed"), built.phase
     if built.phase == "Failed":
         assert "unsupported" in built.message.lower(), built.message
@@ -629,7 +630,7 @@ def test_symlinks_in_volumes_are_never_written_through_or_served(tmp_path: Path,
     home = tmp_path / "home"
     caches = Caches(home)
     _, lease = caches.create("vol", CacheSpec(images=[f"{host}/fixtures/base:1.0"], plain_http=[host]))
-    built = caches.build("vol", lease)
+    built = Builder(caches).build("vol", lease)
     assert built.phase == "Ready"
     outside = tmp_path / "outside"
     planted = {name: make_canary(outside, name) for name in ("orphan", "partial", "next")}
@@ -785,7 +786,7 @@ def test_credentials_never_appear_in_output_records_logs_or_answers(tmp_path: Pa
     # A build in the background writes its own log under logs/: wait for it through its lease.
     run("cache", "create", "bg-bad", "--image", f"{basic}/fixtures/docker-multi:1.0", "--plain-http", basic,
         "--pull-secret", "team:basic-wrong")
-    bg = Caches(home).db.get("bg-bad")
+    bg = Caches(home).get("bg-bad")
     with open(home / "locks" / f"cache-{bg.id}.lock", "a+b") as lease:
         fcntl.flock(lease.fileno(), fcntl.LOCK_EX)  # returns once the builder released it
     for name in ("basic-ok", "token-ok", "basic-bad", "token-bad", "bg-bad"):

@@ -193,6 +193,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
+from builder.build import Builder  # noqa: E402
 from builder.caches import Caches  # noqa: E402
 from builder.digest import Digest, hash_file  # noqa: E402
 from builder.imagecache import CacheSpec  # noqa: E402
@@ -290,7 +291,7 @@ def test_serve_holds_many_clients_of_the_large_image(tmp_path: Path, large_image
     home = tmp_path / "home"
     caches = Caches(home)
     _, lease = caches.create("large", CacheSpec(images=[f"{host}/{REPOSITORY}:1.0"], plain_http=[host]))
-    built = caches.build("large", lease)
+    built = Builder(caches).build("large", lease)
     assert built.phase == "Ready", built.message
     manifest = large_image["manifests"][0]
     blobs = []

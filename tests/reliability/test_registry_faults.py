@@ -38,6 +38,7 @@ from support.faultserver import (
     sha256,
 )
 
+from builder.build import Builder
 from builder.caches import Caches
 from builder.digest import Digest
 from builder.imagecache import CacheSpec, ImageCache
@@ -64,7 +65,7 @@ def build_from(home: Path, srv: FaultServer, tag: str = "v1", name: str = "c", *
     caches = Caches(home)
     _, lease = caches.create(name, CacheSpec(images=[f"{srv.reference}:{tag}"], plain_http=[srv.endpoint],
                                                    **kw))
-    return caches.build(name, lease)
+    return Builder(caches).build(name, lease)
 
 
 def partials(home: Path) -> list[str]:
@@ -277,7 +278,7 @@ def test_redirect_to_another_host_does_not_forward_credentials(tmp_path: Path) -
         caches.secrets.create("team:cred", srv.endpoint, "team", "s3cret")
         _, lease = caches.create("c", CacheSpec(images=[f"{srv.reference}:v1"], plain_http=[srv.endpoint],
                                                 image_pull_secrets=["team:cred"]))
-        result = caches.build("c", lease)
+        result = Builder(caches).build("c", lease)
         served_by_other = [r for r in other.requests if r.path.startswith("/v2/")]
         to_registry = [r for r in srv.requests if r.path.startswith(f"/v2/{srv.repository}/")]
     assert_ready_and_clean(tmp_path, result, list(image.blobs))

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
+from builder.build import Builder
 from builder.caches import BuildLease, Caches
-from builder.errors import CacheStateError, NotFoundLocalError
+from builder.errors import CacheDeletedError, CacheStateError, NotFoundLocalError
 from builder.imagecache import FAILED, CacheSpec, ImageCache, Settings, spec_from_object
 from builder.server.api import MAX_BODY_BYTES, BuildRunner, ImageCacheAPI, Response, RunnerClosedError
 
@@ -128,7 +129,7 @@ def assert_creating_object(doc: dict[str, Any], name: str) -> None:
 
 
 def test_post_yaml_and_json_answer_creating_then_the_builds_fail_with_an_event(caches: Caches) -> None:
-    runner = BuildRunner(caches, workers=2)
+    runner = BuildRunner(Builder(caches), workers=2)
     api = ImageCacheAPI(caches, runner)
     try:
         resp, web = post_yaml(api, cache_yaml("web", imageCacheSize=25, retentionDays=7))
@@ -367,7 +368,7 @@ def test_a_bad_name_in_the_path_is_never_looked_up(api: ImageCacheAPI, caches: C
     def untouchable(*args: object, **kwargs: object) -> None:
         raise AssertionError("a refused name reached the record store")
 
-    for target in (caches, caches.db):
+    for target in (caches, caches._db):
         for attr in ("get", "delete", "list"):
             monkeypatch.setattr(target, attr, untouchable)
     for method in ("GET", "DELETE"):
@@ -420,7 +421,7 @@ def test_an_unexpected_error_is_a_generic_internal_error(api: ImageCacheAPI, cac
 
 
 def test_refused_by_a_closed_runner_leaves_no_cache(caches: Caches) -> None:
-    runner = BuildRunner(caches, workers=1)
+    runner = BuildRunner(Builder(caches), workers=1)
     runner.shutdown(wait=True)
     api = ImageCacheAPI(caches, runner)
     _, doc = post_yaml(api, cache_yaml("web"))
@@ -431,49 +432,53 @@ def test_refused_by_a_closed_runner_leaves_no_cache(caches: Caches) -> None:
 # -- the runner ------------------------------------------------------------------------------------
 
 
-class GatedCaches(Caches):
+class GatedBuilder(Builder):
     """Builds that wait for the test to open a gate, then end Failed (no network)."""
 
-    def __init__(self, home: Path) -> None:
-        super().__init__(home)
+    def __init__(self, caches: Caches) -> None:
+        super().__init__(caches)
         self.gate = threading.Event()
         self.started = threading.Event()
         self.built: list[str] = []
 
-    def build(self, name: str, lease: BuildLease, on_pull: object = None) -> ImageCache:
+    def build(self, name: str, lease: BuildLease, on_pull: object = None, on_event: object = None) -> ImageCache:
         self.started.set()
         assert self.gate.wait(timeout=30)
         self.built.append(name)
         try:
-            return self._fail(name, "gated test build")
+            return self.caches.fail(name, "gated test build")
+        except NotFoundLocalError:
+            raise CacheDeletedError(f"image cache {name} was deleted while it was being built") from None
         finally:
             lease.release()
 
 
 def test_runner_shutdown_without_wait_cancels_queued_builds_and_frees_their_leases(tmp_path: Path) -> None:
-    caches = GatedCaches(tmp_path / "home")
-    runner = BuildRunner(caches, workers=1)
+    caches = Caches(tmp_path / "home")
+    builder = GatedBuilder(caches)
+    runner = BuildRunner(builder, workers=1)
     _, lease_a = caches.create("a", _spec())
     _, lease_b = caches.create("b", _spec())
     runner.submit("a", lease_a)
-    assert caches.started.wait(timeout=30)
+    assert builder.started.wait(timeout=30)
     runner.submit("b", lease_b)  # queued behind "a", which holds the only worker
     runner.shutdown(wait=False)
     # "b" never ran: its lease is free again, so a reader marks it Failed rather than
     # leaving it Creating forever.
     assert caches.get("b").phase == FAILED
-    caches.gate.set()
+    builder.gate.set()
     runner.shutdown(wait=True)  # let "a" finish before tmp_path goes away
-    assert caches.built == ["a"]
+    assert builder.built == ["a"]
     assert caches.get("a").phase == FAILED
     with pytest.raises(RunnerClosedError):
         runner.submit("c", BuildLease(tmp_path / "c.lock"))
 
 
 def test_runner_survives_a_cache_deleted_while_queued(tmp_path: Path) -> None:
-    caches = GatedCaches(tmp_path / "home")
-    caches.gate.set()
-    with BuildRunner(caches, workers=1) as runner:
+    caches = Caches(tmp_path / "home")
+    builder = GatedBuilder(caches)
+    builder.gate.set()
+    with BuildRunner(builder, workers=1) as runner:
         _, lease = caches.create("a", _spec())
         caches.delete("a")
         runner.submit("a", lease)

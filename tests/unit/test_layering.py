@@ -1,8 +1,8 @@
 """The module layering DESIGN.md describes: each module imports only modules above it.
 
-Data flows one way (references → registry → store → pulls → volumes → caches →
-matcher → server → CLI); an import that points back up the list is a design change,
-and this test makes it a deliberate one.
+Data flows one way (references → registry → store → pulls → volumes → records →
+caches → builds → artifacts → matcher → server → CLI); an import that points back up
+the list is a design change, and this test makes it a deliberate one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ LAYERS = [
     "errors", "faults", "digest", "home", "reference", "oci", "compression",
     "registry.hosts", "registry.auth", "registry.retry", "registry.transport",
     "registry.blobs", "registry.manifests", "registry.uploads", "registry.client",
-    "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "caches", "artifact", "matcher",
+    "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "records", "caches", "build",
+    "artifact", "matcher",
     "server.registry", "server.metrics", "server.patch", "server.discovery", "server.api", "server.app",
     "cli",
 ]
@@ -65,3 +66,13 @@ def test_imports_point_only_up_the_layers(path: Path) -> None:
             continue  # the CLI's own modules import each other
         assert layer_of(imported) < own or imported.startswith(module), (
             f"builder.{module} imports builder.{imported}, which is not above it")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_caches_opens_the_records(path: Path) -> None:
+    """``Caches`` is the one door to the records: whatever it notices on the way (a
+    builder that died) then holds for every reader."""
+    module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+    if module in ("caches", "records"):
+        return
+    assert "records" not in builder_imports(path), f"builder.{module} opens the records: ask Caches instead"

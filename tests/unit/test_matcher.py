@@ -19,10 +19,11 @@ from click.testing import CliRunner
 from builder import matcher as matcher_module
 from builder.caches import BuildLease, Caches
 from builder.cli.common import Context
-from builder.cli.match_cmd import NoMatchError, match
+from builder.cli.match_cmd import match
 from builder.errors import (
     CacheStateError,
     ImcError,
+    NoMatchError,
     NotFoundLocalError,
     QuotaError,
     ValidationError,
@@ -117,7 +118,7 @@ def record(caches: Caches, name: str, *images: str, size: int = 20, age_hours: f
         c.images = [ResolvedImage(img(i), resolved.get(i, made_up(i)), "application/vnd.oci.image.manifest.v1+json", 500)
                     for i in images] if phase != CREATING else []
 
-    return caches.db.update(name, finish)
+    return caches.change(name, finish)
 
 
 def best(caches: Caches, *images: str, **kw: Any) -> Any:
@@ -167,7 +168,7 @@ def test_more_images_matched_beats_fewer(caches: Caches) -> None:
 def test_caches_holding_no_requested_repository_are_not_candidates(caches: Caches) -> None:
     record(caches, "unrelated", "team/other:1.0")
     record(caches, "other-registry", "team/app:1.0")
-    caches.db.update("other-registry", lambda c: setattr(c, "images", []))
+    caches.change("other-registry", lambda c: setattr(c, "images", []))
     result = Matcher(caches).best(MatchRequest(("docker.io/team/app:1.0",)))
     assert result.cache is None and result.ranking == [] and not result.created
     assert "no Ready cache holds the repository" in result.reason
@@ -205,9 +206,9 @@ def test_caches_not_ready_are_never_chosen(caches: Caches, leases: list[BuildLea
 
 def test_a_cache_leaving_ready_leaves_the_ranking_and_coming_back_returns(caches: Caches) -> None:
     record(caches, "app", "team/app:1.0")
-    caches.db.update("app", lambda c: setattr(c, "phase", UPDATING))
+    caches.change("app", lambda c: setattr(c, "phase", UPDATING))
     assert best(caches, "team/app:1.0").cache is None
-    caches.db.update("app", lambda c: setattr(c, "phase", READY))
+    caches.change("app", lambda c: setattr(c, "phase", READY))
     assert best(caches, "team/app:1.0").cache.name == "app"
 
 
@@ -217,14 +218,14 @@ def test_request_by_digest_matches_the_cache_that_resolved_its_tag_to_it(caches:
     result = best(caches, f"team/app@{digest(7)}")
     assert result.cache.name == "pinned" and result.ranking[0].exact == 1
     # The index digest of a multi-platform image counts too.
-    caches.db.update("other", lambda c: setattr(c.images[0], "index", digest(99)))
+    caches.change("other", lambda c: setattr(c.images[0], "index", digest(99)))
     assert best(caches, f"team/app:2.0@{digest(99)}").cache.name == "other"
 
 
 def test_references_are_normalised_before_comparing(caches: Caches) -> None:
     _, lease = caches.create("hub", CacheSpec(images=["nginx"]))
     lease.release()
-    caches.db.update("hub", lambda c: setattr(c, "phase", READY))
+    caches.change("hub", lambda c: setattr(c, "phase", READY))
     assert Matcher(caches).best(MatchRequest(("docker.io/library/nginx:latest",))).cache.name == "hub"
     assert Matcher(caches).best(MatchRequest(("index.docker.io/library/nginx",))).ranking[0].exact == 1
 
@@ -290,7 +291,7 @@ def test_explicit_cache_id_not_ready_is_a_state_error(caches: Caches, leases: li
     named = record(caches, "busy", "team/app:1.0", phase=phase, leases=leases)
     with pytest.raises(CacheStateError, match=f"image cache busy \\({named.id}\\) is {phase}, not Ready"):
         best(caches, "team/app:1.0", cache_id=named.id)
-    assert caches.db.get("busy").last_used is None
+    assert caches.get("busy").last_used is None
 
 
 def test_explicit_cache_id_too_small_is_an_error(caches: Caches) -> None:
@@ -344,7 +345,7 @@ def test_auto_match_without_a_match_creates_an_automatic_cache(caches: Caches, s
         assert cache.spec.images == [img("team/app:1.0"), img("team/worker:2.0")]
         assert cache.spec.plain_http == [REG]
         assert "created the automatic cache auto-create-for-eci-7" in result.reason
-        assert caches.db.get(cache.name).auto
+        assert caches.get(cache.name).auto
         assert any("more than the largest cache" in w for w in result.warnings) == (storage > 32768)
         # The lease is the right to build it: nobody else can take it meanwhile.
         with pytest.raises(CacheStateError):
@@ -389,7 +390,8 @@ def test_bad_image_in_a_request_is_a_validation_error(caches: Caches) -> None:
 
 
 def index_rows(caches: Caches) -> list[tuple[Any, ...]]:
-    return caches.db.query("SELECT repository, name, size_gib, versions FROM match_index ORDER BY name, repository")
+    with sqlite3.connect(caches.home.records) as db:
+        return db.execute("SELECT repository, name, size_gib, versions FROM match_index ORDER BY name, repository").fetchall()
 
 
 def test_the_index_follows_every_write_and_is_rebuilt_for_an_old_database(caches: Caches, tmp_path: Path) -> None:
@@ -397,9 +399,9 @@ def test_the_index_follows_every_write_and_is_rebuilt_for_an_old_database(caches
     app = f" 1.0 {made_up('team/app:1.0')} "
     assert index_rows(caches) == [(f"{REG}/team/app", "app", 40, app),
                                   (f"{REG}/team/worker", "app", 40, f" 2.0 {made_up('team/worker:2.0')} ")]
-    caches.db.update("app", lambda c: setattr(c, "phase", UPDATING))
+    caches.change("app", lambda c: setattr(c, "phase", UPDATING))
     assert index_rows(caches) == []  # only Ready caches are in the index
-    caches.db.update("app", lambda c: (setattr(c, "phase", READY), setattr(c.spec, "images", [img("team/app:1.0")]),
+    caches.change("app", lambda c: (setattr(c, "phase", READY), setattr(c.spec, "images", [img("team/app:1.0")]),
                                        c.images.pop()))
     assert index_rows(caches) == [(f"{REG}/team/app", "app", 40, app)]
     # A database from before the index: the next opening builds it from the records.
@@ -426,7 +428,7 @@ def test_a_cache_that_leaves_ready_after_ranking_is_skipped(caches: Caches, monk
         if change == "delete":
             caches.delete("first")
         else:
-            caches.db.update("first", lambda c: setattr(c, "phase", UPDATING))
+            caches.change("first", lambda c: setattr(c, "phase", UPDATING))
         return found
 
     monkeypatch.setattr(matcher_module, "rank_index", racing)
@@ -434,7 +436,7 @@ def test_a_cache_that_leaves_ready_after_ranking_is_skipped(caches: Caches, monk
     assert result.cache.name == "second" and names(result) == ["first", "second"]
     assert calls == [2]  # one read of the index
     if change == "update":
-        assert caches.db.get("first").last_used is None
+        assert caches.get("first").last_used is None
 
 
 def test_when_every_ranked_cache_is_gone_the_index_is_read_again(caches: Caches,
@@ -447,7 +449,7 @@ def test_when_every_ranked_cache_is_gone_the_index_is_read_again(caches: Caches,
         found = real(*args)
         calls.append([c.entry.name for c in found])
         if len(calls) == 1:  # the only candidate starts an update; another cache becomes Ready
-            caches.db.update("only", lambda c: setattr(c, "phase", UPDATING))
+            caches.change("only", lambda c: setattr(c, "phase", UPDATING))
             record(caches, "late", "team/app:2.0")
         return found
 

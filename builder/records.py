@@ -1,0 +1,218 @@
+"""The image cache records: SQLite (``caches.db``) behind ``Caches``, nowhere else.
+
+Each record is a JSON document keyed by name and id, never evicted. Every change is
+a read-modify-write inside one transaction (``CacheDB.update``), so a builder process
+and a user's command never lose each other's writes. Only ``builder.caches`` opens
+this database (tests/unit/test_layering.py holds to that): every other module asks
+``Caches``, which notices dead builders and expired caches on the way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+from builder.errors import AlreadyExistsError, NotFoundLocalError, QuotaError, StoreError
+from builder.imagecache import READY, ImageCache, match_keys
+
+# The matcher's ranking rules (builder.matcher) in SQL over the match index: each cache
+# big enough is joined with the wanted (repository, version) pairs on repository;
+# ``exact`` counts the pairs whose version it holds and ``held`` those whose repository
+# it holds. Best degree, then the least size, then newest, then the name.
+_RANK_SQL = """
+WITH wanted(repository, version) AS (VALUES {pairs})
+SELECT m.name, m.id, m.size_gib, m.created,
+       SUM(instr(m.versions, ' ' || wanted.version || ' ') > 0) AS exact, COUNT(*) AS held
+FROM match_index m JOIN wanted ON m.repository = wanted.repository
+WHERE m.size_gib >= ?
+GROUP BY m.name
+ORDER BY exact DESC, held - exact DESC, m.size_gib, m.created DESC, m.name
+LIMIT ?
+"""
+
+
+class Ranked(NamedTuple):
+    """One ranked cache from the match index: enough to report it and take it."""
+
+    name: str
+    id: str
+    size_gib: int
+    created: str
+    exact: int
+    held: int
+
+
+class CacheDB:
+    """Cache records in SQLite (``caches.db``): JSON documents keyed by name and id."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS caches (name TEXT PRIMARY KEY, id TEXT UNIQUE NOT NULL, "
+                       "auto INTEGER NOT NULL, doc TEXT NOT NULL)")
+            # One counter for every write (insert, update, delete): a record carries the
+            # value of its last write as its resourceVersion, and a watcher polls it.
+            db.execute("CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 0), "
+                       "n INTEGER NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO revision VALUES (0, 0)")
+            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='match_index'").fetchone()
+        if not exists:
+            self._create_match_index()
+
+    # The match index: for each Ready cache, one row per repository it holds, with the
+    # versions (tags and digests) it holds of it as one ' v1 v2 ' string. Every write
+    # below keeps it in step with the documents, so the matcher ranks thousands of
+    # caches in one query over small rows, decoding no document but the winner's.
+
+    def _create_match_index(self) -> None:
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='match_index'").fetchone():
+                return  # another process built it first
+            db.execute("CREATE TABLE match_index (repository TEXT NOT NULL, name TEXT NOT NULL, id TEXT NOT NULL, "
+                       "size_gib INTEGER NOT NULL, created TEXT NOT NULL, versions TEXT NOT NULL, "
+                       "PRIMARY KEY (repository, name)) WITHOUT ROWID")
+            db.execute("CREATE INDEX match_index_name ON match_index (name)")
+            for (doc,) in db.execute("SELECT doc FROM caches").fetchall():
+                self._index(db, ImageCache.from_doc(json.loads(doc)))
+
+    @staticmethod
+    def _match_rows(cache: ImageCache) -> list[tuple[str, str, str, int, str, str]]:
+        if cache.phase != READY:
+            return []
+        versions: dict[str, list[str]] = {}
+        for repository, version in sorted(match_keys(cache)):
+            versions.setdefault(repository, []).append(version)
+        return [(repository, cache.name, cache.id, cache.spec.size_gib, cache.created, f" {' '.join(v)} ")
+                for repository, v in versions.items()]
+
+    def _index(self, db: sqlite3.Connection, cache: ImageCache,
+               before: list[tuple[str, str, str, int, str, str]] | None = None) -> None:
+        rows = self._match_rows(cache)
+        if rows == before:
+            return  # progress, events, last use: nothing the matcher reads
+        db.execute("DELETE FROM match_index WHERE name=?", (cache.name,))
+        db.executemany("INSERT INTO match_index VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def rank(self, wanted: list[tuple[str, str]], min_size_gib: int, limit: int) -> list[Ranked]:
+        """The best ``limit`` Ready caches of at least ``min_size_gib`` holding a wanted
+        (repository, version) pair's repository, by the matcher's rules (``_RANK_SQL``),
+        decoding no record."""
+        if not wanted:
+            return []
+        sql = _RANK_SQL.format(pairs=", ".join("(?, ?)" for _ in wanted))
+        with self._connect() as db:
+            rows = db.execute(sql, (*(x for pair in wanted for x in pair), min_size_gib, limit)).fetchall()
+        return [Ranked(*row) for row in rows]
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            # WAL with synchronous=NORMAL: a commit survives any process crash; only a
+            # power loss can drop the last commits (never corrupt the database).
+            db.execute("PRAGMA synchronous=NORMAL")
+            yield db
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        finally:
+            db.close()
+
+    def _error(self, e: sqlite3.Error) -> StoreError:
+        """SQLite's failure as ours. A full disk shows as SQLITE_FULL, or as
+        SQLITE_IOERR_SHMSIZE when WAL's shared-memory file cannot grow."""
+        full = getattr(e, "sqlite_errorname", "") in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
+        return StoreError(f"cannot read or write the image cache records in {self.path}: "
+                          f"{'no space left on device' if full else e}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> int:
+        db.execute("UPDATE revision SET n = n + 1")
+        return int(db.execute("SELECT n FROM revision").fetchone()[0])
+
+    def revision(self) -> int:
+        """The count of writes so far: it changes whenever any record does."""
+        with self._connect() as db:
+            return int(db.execute("SELECT n FROM revision").fetchone()[0])
+
+    def insert(self, cache: ImageCache, quota: int) -> None:
+        """Add a new record, unless the name is taken or the kind's quota is full."""
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM caches WHERE name=?", (cache.name,)).fetchone():
+                raise AlreadyExistsError(f"name {cache.name!r}: an image cache with this name already exists")
+            count = db.execute("SELECT COUNT(*) FROM caches WHERE auto=?", (int(cache.auto),)).fetchone()[0]
+            if count >= quota:
+                kind = "automatic" if cache.auto else "manual"
+                raise QuotaError(f"quota exceeded: {count} {kind} image caches exist, the maximum is {quota}")
+            cache.resource_version = self._bump(db)
+            db.execute("INSERT INTO caches (name, id, auto, doc) VALUES (?, ?, ?, ?)",
+                       (cache.name, cache.id, int(cache.auto), json.dumps(cache.to_doc())))
+            self._index(db, cache)
+
+    def get(self, name: str) -> ImageCache:
+        with self._connect() as db:
+            row = db.execute("SELECT doc FROM caches WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundLocalError(f"image cache {name!r} does not exist")
+        return ImageCache.from_doc(json.loads(row[0]))
+
+    def by_id(self, cache_id: str) -> ImageCache:
+        with self._connect() as db:
+            row = db.execute("SELECT doc FROM caches WHERE id=?", (cache_id,)).fetchone()
+        if row is None:
+            raise NotFoundLocalError(f"image cache id {cache_id!r} does not exist")
+        return ImageCache.from_doc(json.loads(row[0]))
+
+    def list(self) -> list[ImageCache]:
+        with self._connect() as db:
+            rows = db.execute("SELECT doc FROM caches ORDER BY name").fetchall()
+        return [ImageCache.from_doc(json.loads(r[0])) for r in rows]
+
+    def update(self, name: str, change: Callable[[ImageCache], None]) -> ImageCache:
+        """Apply ``change`` to the current record inside one transaction; returns the result."""
+        with self._transaction() as db:
+            row = db.execute("SELECT doc FROM caches WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFoundLocalError(f"image cache {name!r} does not exist")
+            cache = ImageCache.from_doc(json.loads(row[0]))
+            before = self._match_rows(cache)
+            spec = copy.deepcopy(cache.spec)
+            change(cache)
+            if cache.spec != spec:
+                cache.spec_generation += 1
+            cache.resource_version = self._bump(db)
+            db.execute("UPDATE caches SET doc=? WHERE name=?", (json.dumps(cache.to_doc()), name))
+            self._index(db, cache, before)
+            return cache
+
+    def delete(self, name: str) -> ImageCache:
+        """Remove a record; returns what it was."""
+        with self._transaction() as db:
+            row = db.execute("SELECT doc FROM caches WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFoundLocalError(f"image cache {name!r} does not exist")
+            db.execute("DELETE FROM caches WHERE name=?", (name,))
+            self._bump(db)
+            db.execute("DELETE FROM match_index WHERE name=?", (name,))
+            return ImageCache.from_doc(json.loads(row[0]))
