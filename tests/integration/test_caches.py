@@ -18,9 +18,12 @@ import yaml
 from builder import build as build_module
 from builder.build import Builder
 from builder.caches import BuildLease, Caches
+from builder.cli import cache_cmds
+from builder.cli import main as cli_main
 from builder.digest import Digest
 from builder.errors import (
     AlreadyExistsError,
+    CacheDeletedError,
     CacheStateError,
     NotFoundLocalError,
     QuotaError,
@@ -28,6 +31,7 @@ from builder.errors import (
 )
 from builder.home import Home
 from builder.imagecache import CacheSpec, Settings, parse_time
+from builder.store import Store
 from builder.volume import Volume
 
 IMC = [sys.executable, "-m", "builder"]
@@ -455,6 +459,45 @@ def test_cli_wait_reports_failure_with_exit_code(tmp_path: Path, plain_registry:
                   f"{plain_registry.host}/fixtures/app:0.0", "--plain-http", plain_registry.host)
     assert out.returncode == 12
     assert "image cache nope is Failed" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_a_blob_lost_part_way_fails_the_build_with_the_reason_and_wait_exits_12(
+        tmp_path: Path, plain_registry: Any, catalogue: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A store blob gone under a build is the build's failure, not a deleted cache."""
+    home = tmp_path / "home"
+    layer = Digest.parse(blobs_of(catalogue, "fixtures/app:1.0")[-1]["digest"])
+
+    class LosingProgress(cache_cmds.PullProgress):
+        def cache_event(self, event: Any) -> None:
+            super().cache_event(event)
+            if event.reason == "ImagesPulled":  # every blob is local now: one goes missing
+                Store(home).blob_path(layer).unlink()
+
+    monkeypatch.setattr(cache_cmds, "PullProgress", LosingProgress)
+    monkeypatch.setattr(sys, "argv", ["imc", "--home", str(home), "cache", "create", "lost", "--wait", "--image",
+                                      f"{plain_registry.host}/fixtures/app:1.0", "--plain-http", plain_registry.host])
+    with pytest.raises(SystemExit) as exited:
+        cli_main()
+    assert exited.value.code == 12
+    err = capsys.readouterr().err
+    assert "image cache lost is Failed" in err and f"blob {layer} is not in the store" in err
+    cache = Caches(home).get("lost")
+    assert cache.phase == "Failed" and f"blob {layer} is not in the store" in cache.message
+    assert cache.events[-1].reason == "Failed" and cache.expire
+
+
+def test_a_cache_deleted_under_its_build_says_so(tmp_path: Path, plain_registry: Any) -> None:
+    caches = Caches(tmp_path)
+    _, lease = caches.create("gone", spec(plain_registry, "fixtures/app:1.0"))
+
+    def delete_it(event: Any) -> None:
+        if event.reason == "ImagesPulled":
+            caches.delete("gone")
+
+    with pytest.raises(CacheDeletedError, match="gone was deleted while it was being built"):
+        Builder(caches).build("gone", lease, on_event=delete_it)
+    assert volume_files(tmp_path) == []
 
 
 def test_volume_export_loads_with_skopeo(tmp_path: Path, plain_registry: Any, catalogue: dict[str, Any]) -> None:
