@@ -31,13 +31,13 @@ from harness import Table, fresh_dir
 from builder.caches import Caches
 from builder.imagecache import (
     READY,
-    CacheDB,
     CacheSpec,
     ImageCache,
     ResolvedImage,
     rfc3339,
 )
 from builder.matcher import Matcher, MatchRequest
+from builder.records import CacheDB
 
 CACHES = 10_000
 CALLS = 200
