@@ -205,7 +205,8 @@ def _hash_range(fd: int, offset: int, size: int) -> Digest:
 def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy | None = None,
                keychain: Keychain | None = None, *, part_size: int = PART_SIZE, chunk_size: int = UPLOAD_CHUNK,
                retry: RetryPolicy | None = None, on_progress: Progress | None = None) -> PushResult:
-    """Publish a Ready cache's volume and record as an artifact at ``target`` (a tag).
+    """Publish a Ready cache's volume and record (``name``: its name or id) as an
+    artifact at ``target`` (a tag).
 
     The volume is verified first (a corrupt cache is never published), then cut into
     parts; parts the registry already holds are skipped, the others are uploaded in
@@ -217,7 +218,8 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
     if part_size < 1 or chunk_size < 1:
         raise ValidationError("part and chunk sizes must be positive")
     emit = on_progress or (lambda event: None)
-    cache = caches.get(name)
+    cache = caches.find(name)
+    name = cache.name
     if cache.phase != READY or cache.volume is None or cache.volume_state != "ready":
         raise CacheStateError(f"image cache {name} is {cache.phase} (volume {cache.volume_state}): only a Ready "
                               "cache with a packed volume can be pushed")

@@ -27,6 +27,7 @@ from builder.imagecache import (
     CREATING,
     FAILED,
     FAILED_RETENTION,
+    ID_PREFIX,
     READY,
     UPDATE_FAILED,
     UPDATING,
@@ -168,6 +169,22 @@ class Caches:
 
     def by_id(self, cache_id: str) -> ImageCache:
         return self._reconcile(self._db.by_id(cache_id))
+
+    def find(self, name_or_id: str) -> ImageCache:
+        """A cache by its name or by its id (``imc-…``, as the console's id link names
+        it). A name is looked up first: ids are valid names too, and a cache that
+        has one as its name keeps it."""
+        validate_name(name_or_id)
+        try:
+            return self._reconcile(self._db.get(name_or_id))
+        except NotFoundLocalError:
+            pass
+        if name_or_id.startswith(ID_PREFIX):
+            try:
+                return self._reconcile(self._db.by_id(name_or_id))
+            except NotFoundLocalError:
+                pass
+        raise NotFoundLocalError(f"image cache {name_or_id!r} does not exist (no cache has this name or id)")
 
     def list(self) -> list[ImageCache]:
         return [self._reconcile(c) for c in self._db.list()]

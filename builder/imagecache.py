@@ -89,10 +89,13 @@ def parse_time(text: str | None) -> dt.datetime | None:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC) if text else None
 
 
+ID_PREFIX = "imc-"
+
+
 def new_cache_id() -> str:
     """``imc-`` and 17 random lowercase alphanumerics, like the hosted service's ids."""
     alphabet = string.ascii_lowercase + string.digits
-    return "imc-" + "".join(secrets.choice(alphabet) for _ in range(17))
+    return ID_PREFIX + "".join(secrets.choice(alphabet) for _ in range(17))
 
 
 # -- the spec ----------------------------------------------------------------------------

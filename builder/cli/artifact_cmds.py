@@ -72,7 +72,7 @@ class TransferProgress(ProgressLines):
 
 
 @click.command("push")
-@click.argument("name")
+@click.argument("name", metavar="NAME|ID")
 @click.argument("target", metavar="REGISTRY/REPO:TAG")
 @registry_options
 @click.option("--part-size", type=ByteSize(), default=PART_SIZE, show_default=f"{PART_SIZE >> 20}M",

@@ -136,21 +136,21 @@ def cache_list(ctx: Context, output: str) -> None:
 
 
 @cache.command("get")
-@click.argument("name")
+@click.argument("name", metavar="NAME|ID")
 @output_option("json", "yaml")
 @pass_ctx
 def cache_get(ctx: Context, name: str, output: str) -> None:
-    """One cache; -o yaml prints the ImageCache object with its status."""
-    show(ctx.caches.get(name), output)
+    """One cache, by name or id; -o yaml prints the ImageCache object with its status."""
+    show(ctx.caches.find(name), output)
 
 
 @cache.command("events")
-@click.argument("name")
+@click.argument("name", metavar="NAME|ID")
 @output_option("json", "yaml")
 @pass_ctx
 def cache_events(ctx: Context, name: str, output: str) -> None:
-    """A cache's events, oldest first."""
-    found = ctx.caches.get(name)
+    """A cache's events (by name or id), oldest first."""
+    found = ctx.caches.find(name)
     if emit(found.to_object()["status"]["events"], output):
         return
     for e in found.events:
@@ -185,13 +185,13 @@ def cache_update(ctx: Context, name: str, images: tuple[str, ...], retention_day
 
 
 @cache.command("delete")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, metavar="NAME|ID...")
 @pass_ctx
 def cache_delete(ctx: Context, names: tuple[str, ...]) -> None:
-    """Delete caches in any phase; blobs nothing else needs go at the next gc."""
+    """Delete caches (by name or id) in any phase; blobs nothing else needs go at the next gc."""
     for name in names:
-        ctx.caches.delete(name)
-        click.echo(f"imagecache {name} deleted")
+        deleted = ctx.caches.delete(ctx.caches.find(name).name)
+        click.echo(f"imagecache {deleted.name} deleted")
 
 
 def load_documents(path: str) -> list[Any]:
@@ -269,15 +269,16 @@ volume.add_command(volume_pull)
 
 
 def open_volume(caches: Caches, name: str) -> Volume:
-    found = caches.get(name)
+    """The packed volume of the cache with this name or id."""
+    found = caches.find(name)
     if found.volume is None or found.volume_state != "ready":
-        raise ValidationError(f"image cache {name} has no packed volume yet (phase {found.phase}, "
+        raise ValidationError(f"image cache {found.name} has no packed volume yet (phase {found.phase}, "
                               f"volume {found.volume_state})")
     return Volume.open(Path(found.volume.path))
 
 
 @volume.command("inspect")
-@click.argument("name")
+@click.argument("name", metavar="NAME|ID")
 @output_option("json", "yaml")
 @pass_ctx
 def volume_inspect(ctx: Context, name: str, output: str) -> None:
@@ -301,7 +302,7 @@ def volume_inspect(ctx: Context, name: str, output: str) -> None:
 
 
 @volume.command("verify")
-@click.argument("name")
+@click.argument("name", metavar="NAME|ID")
 @output_option("json", "yaml")
 @pass_ctx
 def volume_verify(ctx: Context, name: str, output: str) -> None:
@@ -317,7 +318,7 @@ def volume_verify(ctx: Context, name: str, output: str) -> None:
 
 
 @volume.command("export")
-@click.argument("name")
+@click.argument("name", metavar="NAME|ID")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=OCI_ARCHIVE, show_default=True,
               help="docker-archive: every image with its tags, for docker load and podman load. "
                    "oci-archive: an OCI layout, for skopeo copy (and podman load of a single image).")

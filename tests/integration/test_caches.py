@@ -500,6 +500,37 @@ def test_a_cache_deleted_under_its_build_says_so(tmp_path: Path, plain_registry:
     assert volume_files(tmp_path) == []
 
 
+def test_cache_and_volume_commands_take_the_cache_id_as_well_as_the_name(tmp_path: Path, plain_registry: Any) -> None:
+    home = tmp_path / "home"
+    caches = Caches(home)
+    built = build(caches, "web", spec(plain_registry, "fixtures/base:1.0"))
+    assert built.phase == "Ready", built.message
+    got = run_imc(home, "cache", "get", built.id, "-o", "json")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["metadata"]["name"] == "web"
+    events = run_imc(home, "cache", "events", built.id)
+    assert events.returncode == 0 and "VolumePacked" in events.stdout
+    inspected = run_imc(home, "volume", "inspect", built.id, "-o", "json")
+    assert inspected.returncode == 0, inspected.stderr
+    assert run_imc(home, "volume", "verify", built.id).returncode == 0
+    unknown = run_imc(home, "cache", "get", "imc-nosuchcacheid12345")
+    assert unknown.returncode == 6 and "no cache has this name or id" in unknown.stderr
+    deleted = run_imc(home, "cache", "delete", built.id)
+    assert deleted.returncode == 0 and deleted.stdout.strip() == "imagecache web deleted"
+    assert caches.list() == [] and volume_files(home) == []
+
+
+def test_a_cache_named_like_an_id_is_found_by_its_name_first(tmp_path: Path, plain_registry: Any) -> None:
+    caches = Caches(tmp_path)
+    first, lease = caches.create("first", spec(plain_registry, "fixtures/base:1.0"))
+    lease.release()
+    lookalike, lease = caches.create(first.id, spec(plain_registry, "fixtures/base:1.0"))
+    lease.release()
+    assert caches.find(first.id).name == first.id
+    assert caches.find(lookalike.id).name == first.id
+    assert caches.find("first").id == first.id
+
+
 def test_volume_export_loads_with_skopeo(tmp_path: Path, plain_registry: Any, catalogue: dict[str, Any]) -> None:
     home = tmp_path / "home"
     assert run_imc(home, "cache", "create", "exp", "--wait", "-q", "--image", f"{plain_registry.host}/fixtures/app:1.0",
