@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,11 @@ from builder.volume import Volume
 
 UNSET = object()
 STALE = "the object has been modified; please apply your changes to the latest version and try again"
+log = logging.getLogger(__name__)
+
+
+class _Expired(Exception):
+    """Raised inside a record transaction to leave it unchanged: the cache has expired."""
 
 
 class BuildLease:
@@ -160,15 +166,16 @@ class Caches:
                 on_event(event)
         return cache
 
-    # -- reading -----------------------------------------------------------------------
+    # -- reading: every record goes out through _current -----------------------------------
 
     def get(self, name: str) -> ImageCache:
         """A cache's record, after noticing a builder that died. A name that no cache can
-        have is a ValidationError, checked before it is looked up."""
-        return self._reconcile(self._db.get(validate_name(name)))
+        have is a ValidationError, checked before it is looked up; an expired cache is
+        deleted now and is not found."""
+        return self._current(self._db.get(validate_name(name)))
 
     def by_id(self, cache_id: str) -> ImageCache:
-        return self._reconcile(self._db.by_id(cache_id))
+        return self._current(self._db.by_id(cache_id))
 
     def find(self, name_or_id: str) -> ImageCache:
         """A cache by its name or by its id (``imc-…``, as the console's id link names
@@ -176,30 +183,75 @@ class Caches:
         has one as its name keeps it."""
         validate_name(name_or_id)
         try:
-            return self._reconcile(self._db.get(name_or_id))
+            return self.get(name_or_id)
         except NotFoundLocalError:
             pass
         if name_or_id.startswith(ID_PREFIX):
             try:
-                return self._reconcile(self._db.by_id(name_or_id))
+                return self.by_id(name_or_id)
             except NotFoundLocalError:
                 pass
         raise NotFoundLocalError(f"image cache {name_or_id!r} does not exist (no cache has this name or id)")
 
     def list(self) -> list[ImageCache]:
-        return [self._reconcile(c) for c in self._db.list()]
+        """Every cache that has not expired (the expired ones are deleted now)."""
+        return self._sweep()[0]
 
     def exists(self, name: str) -> bool:
-        """Whether a cache of this name exists (in any phase)."""
+        """Whether a cache of this name exists (in any phase, and not expired)."""
         try:
-            self._db.get(validate_name(name))
+            self.get(name)
         except NotFoundLocalError:
             return False
         return True
 
     def count(self, auto: bool) -> int:
         """How many automatic (or manual) caches exist: what their quota counts."""
-        return sum(1 for c in self._db.list() if c.auto == auto)
+        return sum(1 for c in self.list() if c.auto == auto)
+
+    def expiry(self, cache: ImageCache, unused: dt.timedelta | None = None) -> dt.datetime | None:
+        """When ``cache`` expires: the end of its retention (or 24 h after it failed),
+        or for an automatic cache ``auto_unused_days`` after its last use, whichever
+        comes first; None for never."""
+        expire = parse_time(cache.expire)
+        if cache.auto:
+            unused = unused if unused is not None else dt.timedelta(days=self.settings.auto_unused_days)
+            last = parse_time(cache.last_used or cache.created)
+            if last is not None:
+                expire = min(expire, last + unused) if expire else last + unused
+        return expire
+
+    def _current(self, cache: ImageCache) -> ImageCache:
+        if self._expire(cache, self.clock(), self._unused()):
+            raise NotFoundLocalError(f"image cache {cache.name!r} does not exist (it expired at "
+                                     f"{rfc3339(self.expiry(cache))} and is deleted)")
+        return self._reconcile(cache)
+
+    def _sweep(self) -> tuple[list[ImageCache], list[str]]:
+        """The caches that have not expired, and the names of those deleted as expired."""
+        now, unused = self.clock(), self._unused()
+        live, deleted = [], []
+        for cache in self._db.list():
+            if self._expire(cache, now, unused):
+                deleted.append(cache.name)
+            else:
+                live.append(self._reconcile(cache))
+        return live, deleted
+
+    def _unused(self) -> dt.timedelta:
+        return dt.timedelta(days=self.settings.auto_unused_days)
+
+    def _expire(self, cache: ImageCache, now: dt.datetime, unused: dt.timedelta) -> bool:
+        """Delete ``cache`` if it has expired (whoever sees it first); True if it has."""
+        expire = self.expiry(cache, unused)
+        if expire is None or expire > now:
+            return False
+        try:
+            self._delete(cache.name, cache.id)
+        except NotFoundLocalError:
+            return True  # another process saw it first
+        log.info("image cache %s (%s) expired at %s: deleted", cache.name, cache.id, rfc3339(expire))
+        return True
 
     def ranked(self, wanted: list[tuple[str, str]], min_size_gib: int, limit: int) -> list[Ranked]:
         """The matcher's ranking of the Ready caches for the wanted (repository,
@@ -245,6 +297,7 @@ class Caches:
             no_effect.record(cache, now)
         cache.expire = cache.retention_expiry()
         settings = self.settings
+        self._sweep()  # an expired cache holds neither its name nor a place in the quota
         lease = BuildLease(self._lease_path(cache.id), wait=True)
         try:
             self._db.insert(cache, settings.max_auto_caches if auto else settings.max_manual_caches)
@@ -306,28 +359,46 @@ class Caches:
 
     def delete(self, name: str) -> ImageCache:
         """Delete a cache in any phase; its volume goes now, its blobs at the next gc."""
-        cache = self._db.delete(validate_name(name))
+        return self._delete(validate_name(name))
+
+    def _delete(self, name: str, cache_id: str | None = None) -> ImageCache:
+        """Delete the record (only if its id is still ``cache_id``, when given: a cache
+        created again under the name is another cache), then its volume files."""
+        cache = self._db.delete(name, cache_id)
         for path in self.home.volumes_of(cache.id):
             path.unlink(missing_ok=True)
         return cache
 
     def mark_used(self, name: str) -> ImageCache:
-        """Record a hit (automatic caches expire when unused)."""
-        now = rfc3339(self.clock())
-        return self._db.update(name, lambda c: setattr(c, "last_used", now))
+        """Record a hit (automatic caches expire when unused); an expired cache is not
+        revived but deleted, and is not found."""
+        return self._use(name, ready=False)
 
     def take(self, name: str) -> ImageCache:
         """Mark a cache used if it is Ready, in one transaction: for a choice made from
         the match index, which is read outside it (the cache may have started an update
-        since). CacheStateError if it is not Ready; NotFoundLocalError if it is gone."""
-        now = rfc3339(self.clock())
+        since). CacheStateError if it is not Ready; NotFoundLocalError if it is gone
+        or expired (then deleted)."""
+        return self._use(name, ready=True)
+
+    def _use(self, name: str, ready: bool) -> ImageCache:
+        now, unused = self.clock(), self._unused()
+        expired: list[ImageCache] = []
 
         def use(cache: ImageCache) -> None:
-            if cache.phase != READY:
+            expire = self.expiry(cache, unused)
+            if expire is not None and expire <= now:
+                expired.append(cache)
+                raise _Expired
+            if ready and cache.phase != READY:
                 raise CacheStateError(f"image cache {cache.name} ({cache.id}) is {cache.phase}, not Ready")
-            cache.last_used = now
+            cache.last_used = rfc3339(now)
 
-        return self._db.update(name, use)
+        try:
+            return self._db.update(name, use)
+        except _Expired:
+            self._expire(expired[0], now, unused)
+            raise NotFoundLocalError(f"image cache {name!r} does not exist (it expired and is deleted)") from None
 
     def import_volume(self, name: str, spec: CacheSpec, write: Callable[[Path], ImportedVolume],
                       cache_id: str | None = None) -> ImageCache:
@@ -422,19 +493,10 @@ class Caches:
         """Delete expired caches (retention over, failed 24 h ago, automatic and unused
         too long), then reclaim every blob and volume file that nothing needs."""
         report = CachesGcReport()
-        now = self.clock()
-        unused = dt.timedelta(days=self.settings.auto_unused_days)
-        for cache in self.list():
-            expire = parse_time(cache.expire)
-            last = parse_time(cache.last_used or cache.created)
-            if (expire and expire <= now) or (cache.auto and last and last + unused <= now):
-                try:
-                    self.delete(cache.name)
-                    report.deleted.append(cache.name)
-                except NotFoundLocalError:
-                    pass
+        report.deleted = self._sweep()[1]
         # Blobs pull-through fetched on their own are kept like automatic caches: until unused that long.
-        store_report = self.store.gc(pinned=self._pinned, pulled_since=(now - unused).timestamp())
+        unused = self._unused()
+        store_report = self.store.gc(pinned=self._pinned, pulled_since=(self.clock() - unused).timestamp())
         report.blobs_removed = store_report.blobs_removed
         report.bytes_freed = store_report.bytes_freed
         report.partials_removed = store_report.partials_removed

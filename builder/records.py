@@ -206,10 +206,14 @@ class CacheDB:
             self._index(db, cache, before)
             return cache
 
-    def delete(self, name: str) -> ImageCache:
-        """Remove a record; returns what it was."""
+    def delete(self, name: str, cache_id: str | None = None) -> ImageCache:
+        """Remove a record (with ``cache_id``, only if it still has that id); returns
+        what it was."""
         with self._transaction() as db:
-            row = db.execute("SELECT doc FROM caches WHERE name=?", (name,)).fetchone()
+            if cache_id is None:
+                row = db.execute("SELECT doc FROM caches WHERE name=?", (name,)).fetchone()
+            else:
+                row = db.execute("SELECT doc FROM caches WHERE name=? AND id=?", (name, cache_id)).fetchone()
             if row is None:
                 raise NotFoundLocalError(f"image cache {name!r} does not exist")
             db.execute("DELETE FROM caches WHERE name=?", (name,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
 
@@ -64,6 +65,10 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
         puller = pull_through_puller(ctx.store, policy, make_keychain(ctx, pull_secrets))
     token = read_token(api_token_file) if api_token_file else None
     server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token)
+    # A server's log is the record of what it did on its own: expired caches it deleted.
+    builder_log = logging.getLogger("builder")
+    if builder_log.getEffectiveLevel() > logging.INFO:
+        builder_log.setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _interrupt)
     click.echo(f"serving on http://{server.address}  (registry: /v2/, API: /apis/eci.alibabacloud.com/v1/imagecaches)",
                err=True)

@@ -22,6 +22,7 @@ upstream) for the caller to count.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import re
 import threading
@@ -171,14 +172,17 @@ class ServeIndex:
         self.tags: list[Tagged] = []
         self.blobs: dict[Digest, Blob] = {}
         self.caches_by_name: dict[str, ImageCache] = {}
+        self._next_expiry: dt.datetime | None = None
 
     def refresh(self, force: bool = False, miss: bool = False) -> None:
         """Rebuild if older than ``INDEX_TTL``; on a ``miss``, if older than
         ``FORCED_REFRESH_GAP`` (a burst of misses rebuilds once, not once per request);
-        with ``force``, always (after this server pulled something itself)."""
+        with ``force``, always (after this server pulled something itself); and as soon
+        as a served cache has expired (the rebuild reads it, and so deletes it)."""
         with self._lock:
             age = time.monotonic() - self._built
-            if not force and age < (FORCED_REFRESH_GAP if miss else INDEX_TTL):
+            expiring = self._next_expiry is not None and self.caches.clock() >= self._next_expiry
+            if not force and not expiring and age < (FORCED_REFRESH_GAP if miss else INDEX_TTL):
                 return
             tags: list[Tagged] = []
             blobs: dict[Digest, Blob] = {}
@@ -210,6 +214,8 @@ class ServeIndex:
                     blobs[digest] = Blob(self.store.size(digest), "", path=self.store.blob_path(digest), pulled=True)
             self.tags, self.blobs, self._volumes = tags, blobs, volumes
             self.caches_by_name = {c.name: c for c in serving}
+            expiries = [e for e in (self.caches.expiry(c) for c in serving) if e is not None]
+            self._next_expiry = min(expiries, default=None)  # never served a moment past it
             self._built = time.monotonic()
 
     def _add_store_closure(self, blobs: dict[Digest, Blob], roots: list[Digest], cache: str | None = None) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from support.faultserver import FaultServer, Hold, Stall
 
+from builder.build import Builder
 from builder.caches import Caches
 from builder.digest import Digest
 from builder.errors import TransportError, ValidationError
@@ -63,7 +64,7 @@ def caches(tmp_path: Path, upstream: FaultServer, image: Any) -> Caches:
     caches = Caches(tmp_path / "home")
     _created, lease = caches.create("web", CacheSpec(images=[f"{upstream.reference}:v1"],
                                                      plain_http=[upstream.endpoint]))
-    assert caches.build("web", lease).phase == "Ready"
+    assert Builder(caches).build("web", lease).phase == "Ready"
     return caches
 
 
