@@ -191,7 +191,7 @@ class _Build:
         spec = cache.spec
         keychain = Keychain([self.caches.secrets.load(s) for s in spec.image_pull_secrets])
         policy = HostPolicy(frozenset(spec.plain_http), frozenset(spec.insecure))
-        sources = self._reuse_sources() if spec.reuse else []
+        sources = self._sources(cache, spec.reuse)
         # Flash makes a new cache usable from staging; an update keeps serving the old
         # volume until the new one is packed, so it has nothing to gain from it.
         early = spec.flash and cache.phase == CREATING
@@ -303,12 +303,15 @@ class _Build:
                 break
         return total
 
-    def _reuse_sources(self) -> list[VolumeSource]:
+    def _sources(self, cache: ImageCache, reuse: bool) -> list[VolumeSource]:
+        """Where blobs are copied from before the network: the cache's own volume when
+        it is rebuilt (a new size re-packs what it holds), and with ``reuse`` the other
+        caches' volumes."""
         out = []
-        for cache in self.caches.list():
-            if cache.name != self.name and cache.volume and cache.volume_state == "ready":
+        for other in self.caches.list() if reuse else [cache]:
+            if other.volume and other.volume_state == "ready":
                 try:
-                    out.append(VolumeSource(cache.name, Volume.open(Path(cache.volume.path))))
+                    out.append(VolumeSource(other.name, Volume.open(Path(other.volume.path))))
                 except ImcError:
                     continue
         return out

@@ -21,13 +21,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builder.digest import Digest
-from builder.errors import AlreadyExistsError, CacheStateError, NotFoundLocalError
+from builder.errors import AlreadyExistsError, CacheStateError, CapacityError, NotFoundLocalError
 from builder.home import Home, partial_of
 from builder.imagecache import (
+    A_FLASH,
+    A_INSECURE,
+    A_PLAIN_HTTP,
+    A_REUSE,
     BUILDING,
     CREATING,
     FAILED,
     FAILED_RETENTION,
+    GIB,
     ID_PREFIX,
     READY,
     UPDATE_FAILED,
@@ -308,16 +313,12 @@ class Caches:
 
     def update(self, name: str, images: list[str] | None = None, retention_days: object = UNSET,
                plain_http: list[str] | None = None, insecure: list[str] | None = None,
-               pull_secrets: list[str] | None = None, annotations: dict[str, str] | None = None,
+               pull_secrets: list[str] | None = None, size_gib: int | None = None, reuse: bool | None = None,
+               flash: bool | None = None, annotations: dict[str, str] | None = None,
                resource_version: int | None = None) -> tuple[ImageCache, BuildLease | None]:
-        """Change a Ready (or UpdateFailed) cache. A change of images needs a rebuild:
-        the cache goes Updating and the caller builds it with the returned lease, while
-        the previous volume (or flash staging copy) keeps serving. ``resource_version``:
-        change it only if no write came after that version (else CacheStateError)."""
+        """Change some fields of a Ready (or UpdateFailed) cache, the others kept; see
+        ``update_spec``."""
         current = self.get(name)
-        if current.phase not in (READY, UPDATE_FAILED):
-            raise CacheStateError(f"image cache {name} is {current.phase}: updates are allowed only in "
-                                  f"{READY} or {UPDATE_FAILED}")
         spec = replace(
             current.spec,
             images=images if images is not None else current.spec.images,
@@ -326,14 +327,52 @@ class Caches:
             insecure=insecure if insecure is not None else current.spec.insecure,
             image_pull_secrets=pull_secrets if pull_secrets is not None else current.spec.image_pull_secrets,
             annotations=annotations if annotations is not None else current.spec.annotations,
-        ).validated()
+            size_gib=size_gib if size_gib is not None else current.spec.size_gib,
+            reuse=reuse if reuse is not None else current.spec.reuse,
+            flash=flash if flash is not None else current.spec.flash,
+        )
+        return self.update_spec(name, spec, resource_version)
+
+    def plan_update(self, name: str, spec: CacheSpec) -> UpdatePlan:
+        """What ``update_spec(name, spec)`` would change, field by field, and whether it
+        rebuilds; raises what it would refuse. Writes nothing (``imc apply --dry-run``)."""
+        current = self.get(name)
+        if current.phase not in (READY, UPDATE_FAILED):
+            raise CacheStateError(f"image cache {name} is {current.phase}: updates are allowed only in "
+                                  f"{READY} or {UPDATE_FAILED}")
+        spec = spec.validated()
         for secret in spec.image_pull_secrets:
             self.secrets.load(secret)
-        # Rebuild for new images, after a failed update, or when the volume is missing
-        # (a flash cache whose packing was interrupted): an update with no changes repairs.
-        rebuild = (spec.images != current.spec.images or current.phase == UPDATE_FAILED
-                   or current.volume_state != "ready")
-        lease = BuildLease(self._lease_path(current.id)) if rebuild else None
+        changes = spec_changes(current.spec, spec)
+        resize = spec.size_gib != current.spec.size_gib
+        if resize and spec.images == current.spec.images and current.unpacked_bytes > spec.size_gib * GIB:
+            raise CapacityError(f"imageCacheSize: {spec.size_gib} GiB is less than the "
+                                f"{current.unpacked_bytes / GIB:.2f} GiB the images of {name} need unpacked; "
+                                "the cache is unchanged")
+        # Rebuild for new images, a new size (a volume of that size), after a failed
+        # update, or when the volume is missing (a flash cache whose packing was
+        # interrupted): an update with no changes repairs.
+        rebuild = None
+        if spec.images != current.spec.images:
+            rebuild = f"rebuilding with {len(spec.images)} images"
+        elif resize:
+            rebuild = f"re-packing into a volume of {spec.size_gib} GiB"
+        elif current.phase == UPDATE_FAILED or current.volume_state != "ready":
+            rebuild = f"rebuilding with {len(spec.images)} images"
+        return UpdatePlan(current, spec, changes, rebuild)
+
+    def update_spec(self, name: str, spec: CacheSpec,
+                    resource_version: int | None = None) -> tuple[ImageCache, BuildLease | None]:
+        """Make a Ready (or UpdateFailed) cache's spec ``spec``: every changed field takes
+        effect, or the update is refused and nothing changes. New images or a new size
+        need a rebuild: the cache goes Updating and the caller builds it with the
+        returned lease, while the previous volume (or flash staging copy) keeps serving
+        until the new one is packed. A size the current images do not fit is refused
+        (CapacityError). ``resource_version``: change it only if no write came after
+        that version (else CacheStateError)."""
+        plan = self.plan_update(name, spec)
+        lease = BuildLease(self._lease_path(plan.current.id)) if plan.rebuild else None
+        said = "; ".join(f"{what}: {shown_value(old)} -> {shown_value(new)}" for what, old, new in plan.changes)
 
         def apply(cache: ImageCache) -> None:
             if resource_version is not None and cache.resource_version != resource_version:
@@ -341,14 +380,14 @@ class Caches:
             if cache.phase not in (READY, UPDATE_FAILED):
                 raise CacheStateError(f"image cache {name} is {cache.phase}: updates are allowed only in "
                                       f"{READY} or {UPDATE_FAILED}")
-            cache.spec = spec
+            cache.spec = plan.spec
             cache.expire = cache.retention_expiry()
-            if rebuild:
+            if plan.rebuild:
                 cache.enter(UPDATING)
                 cache.message = ""
-                cache.event("Updating", f"rebuilding with {len(spec.images)} images")
-            else:
-                cache.event("Updated", "settings changed; no rebuild needed")
+                cache.event("Updating", plan.rebuild + (f" ({said})" if said else ""))
+            elif said:
+                cache.event("Updated", f"{said}; no rebuild needed")
 
         try:
             return self.change(name, apply), lease
@@ -554,3 +593,45 @@ class Caches:
             finally:
                 lease.release()
         return removed
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """An update worked out before anything is written: the record as it is, the spec
+    it would get, each changed field (name, old, new), and why it rebuilds (None: it
+    does not)."""
+
+    current: ImageCache
+    spec: CacheSpec
+    changes: list[tuple[str, object, object]]
+    rebuild: str | None
+
+
+# Spec fields as the ImageCache object names them (annotations for the imc-only ones).
+_FIELDS = (("images", "images"), ("image_pull_secrets", "imagePullSecrets"), ("size_gib", "imageCacheSize"),
+           ("retention_days", "retentionDays"), ("reuse", A_REUSE), ("flash", A_FLASH),
+           ("plain_http", A_PLAIN_HTTP), ("insecure", A_INSECURE))
+
+
+def spec_changes(old: CacheSpec, new: CacheSpec) -> list[tuple[str, object, object]]:
+    """Every field that differs between two specs, as (field, old, new); other
+    annotations (recorded, with no effect here) each as ``annotation KEY``."""
+    out: list[tuple[str, object, object]] = [
+        (shown, getattr(old, attr), getattr(new, attr)) for attr, shown in _FIELDS
+        if getattr(old, attr) != getattr(new, attr)]
+    mapped = {shown for _, shown in _FIELDS}
+    for key in sorted(set(old.annotations) | set(new.annotations)):
+        if key not in mapped and old.annotations.get(key) != new.annotations.get(key):
+            out.append((f"annotation {key}", old.annotations.get(key), new.annotations.get(key)))
+    return out
+
+
+def shown_value(value: object) -> str:
+    """A spec value as ``spec_changes`` reports it to people."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)

@@ -13,7 +13,7 @@ import click
 import yaml
 
 from builder.build import Builder
-from builder.caches import UNSET, BuildLease, Caches
+from builder.caches import UNSET, BuildLease, Caches, UpdatePlan, shown_value
 from builder.cli.artifact_cmds import volume_pull, volume_push
 from builder.cli.common import (
     Context,
@@ -160,8 +160,11 @@ def cache_events(ctx: Context, name: str, output: str) -> None:
 @cache.command("update")
 @click.argument("name")
 @click.option("--image", "images", multiple=True, metavar="REF", help="The new image list (replaces the old).")
+@click.option("--size", "size_gib", type=int, help="New size in GiB: re-packs the volume (20-32768).")
 @click.option("--retention-days", type=int, help="New retention period in days.")
 @click.option("--no-retention", is_flag=True, help="Never expire.")
+@click.option("--reuse/--no-reuse", default=None, help="Copy layers other caches hold (in later builds).")
+@click.option("--flash/--no-flash", default=None, help="Usable from staging before packing (in later creations).")
 @click.option("--plain-http", multiple=True, metavar="LIST")
 @click.option("--insecure", multiple=True, metavar="LIST")
 @click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME")
@@ -169,13 +172,15 @@ def cache_events(ctx: Context, name: str, output: str) -> None:
 @wait_options
 @output_option("json", "yaml")
 @pass_ctx
-def cache_update(ctx: Context, name: str, images: tuple[str, ...], retention_days: int | None, no_retention: bool,
-                 plain_http: tuple[str, ...], insecure: tuple[str, ...], pull_secrets: tuple[str, ...],
-                 timeout: float | None, wait: bool, quiet: bool, output: str) -> None:
-    """Change images, retention or registry lists of a Ready or UpdateFailed cache."""
+def cache_update(ctx: Context, name: str, images: tuple[str, ...], size_gib: int | None, retention_days: int | None,
+                 no_retention: bool, reuse: bool | None, flash: bool | None, plain_http: tuple[str, ...],
+                 insecure: tuple[str, ...], pull_secrets: tuple[str, ...], timeout: float | None, wait: bool,
+                 quiet: bool, output: str) -> None:
+    """Change images, size, retention, options or registry lists of a Ready or UpdateFailed cache."""
     retention: object = None if no_retention else (retention_days if retention_days is not None else UNSET)
     updated, lease = ctx.caches.update(name, list(images) or None, retention, list(plain_http) or None,
-                                       list(insecure) or None, list(pull_secrets) or None)
+                                       list(insecure) or None, list(pull_secrets) or None, size_gib=size_gib,
+                                       reuse=reuse, flash=flash)
     if lease is not None:
         updated = run_build(ctx, updated, lease, wait, quiet or output != "table", timeout)
     if output == "table" and lease is not None and not wait:
@@ -219,13 +224,17 @@ def load_documents(path: str) -> list[Any]:
 @click.command()
 @click.option("-f", "--filename", required=True,
               help="YAML or JSON file with ImageCache objects and pull Secrets ('-' for stdin).")
+@click.option("--dry-run", is_flag=True, help="Print what would be created or changed, field by field; change nothing.")
 @wait_options
 @pass_ctx
-def apply(ctx: Context, filename: str, wait: bool, quiet: bool) -> None:
+def apply(ctx: Context, filename: str, dry_run: bool, wait: bool, quiet: bool) -> None:
     """Create or update the ImageCache objects in a file (several documents allowed),
     and store the pull Secrets in it (as kubectl prints them) before any cache needs them.
 
     Every document is validated before any is applied, so a bad file changes nothing.
+    An existing cache takes the document's spec: every changed field takes effect (new
+    images or a new size rebuild it, the old volume serving meanwhile), or the update
+    is refused.
     """
     documents = load_documents(filename)
     if not documents:
@@ -242,21 +251,42 @@ def apply(ctx: Context, filename: str, wait: bool, quiet: bool) -> None:
             raise ValidationError(f"document {i}: {e.message}") from None
     for ref, auths in pull_secrets:
         assert ref is not None  # a Secret document always names itself
+        if dry_run:
+            click.echo(f"secret {ref} would be stored for {', '.join(sorted(auths))}")
+            continue
         ctx.secrets.store(ref, auths)
         click.echo(f"secret {ref} stored for {', '.join(sorted(auths))}")
     caches = ctx.caches
+    # Every update is worked out before any document is applied: one refused changes nothing.
+    plans = {name: caches.plan_update(name, spec) for name, spec, _ in parsed if caches.exists(name)}
     for name, spec, no_effect in parsed:
-        existing = {c.name for c in caches.list()}
-        if name in existing:
-            updated, lease = caches.update(name, spec.images, spec.retention_days, spec.plain_http, spec.insecure,
-                                           spec.image_pull_secrets)
+        if name in plans:
+            plan = plans[name]
+            if dry_run:
+                _print_plan(plan)
+                continue
+            updated, lease = caches.update_spec(name, spec)
             if lease is not None:
                 run_build(ctx, updated, lease, wait, quiet)
-            click.echo(f"imagecache {name} {'configured' if lease else 'unchanged (settings updated)'}")
+                click.echo(f"imagecache {name} configured ({plan.rebuild})")
+            else:
+                click.echo(f"imagecache {name} {'configured' if plan.changes else 'unchanged'}")
+        elif dry_run:
+            click.echo(f"imagecache {name} would be created")
         else:
             created, lease = caches.create(name, spec, no_effect=no_effect)
             run_build(ctx, created, lease, wait, quiet)
             click.echo(f"imagecache {name} created ({created.id})")
+
+
+def _print_plan(plan: UpdatePlan) -> None:
+    name = plan.current.name
+    if not plan.changes and not plan.rebuild:
+        click.echo(f"imagecache {name} unchanged")
+        return
+    click.echo(f"imagecache {name} would be configured" + (f" ({plan.rebuild})" if plan.rebuild else ""))
+    for what, old, new in plan.changes:
+        click.echo(f"  {what}: {shown_value(old)} -> {shown_value(new)}")
 
 
 @click.group()
