@@ -51,6 +51,7 @@ from builder.errors import (
     AlreadyExistsError,
     CacheDeletedError,
     CacheStateError,
+    CapacityError,
     ImcError,
     NotFoundLocalError,
     QuotaError,
@@ -391,7 +392,7 @@ class ImageCacheAPI:
 
     def _replace(self, name: str, obj: dict[str, Any], query: dict[str, list[str]]) -> dict[str, Any]:
         """PUT (and every patch, once applied): the cache takes the object's spec, through
-        ``Caches.update``, which decides what a change does (a rebuild in the background,
+        ``Caches.update_spec``, which decides what a change does (a rebuild in the background,
         the old volume serving) or refuses it with nothing changed. A ``resourceVersion``
         in the object must be the current one: a stale one is a Conflict."""
         dry_run = _dry_run(query)
@@ -411,13 +412,11 @@ class ImageCacheAPI:
         if dry_run:
             return {**current.to_object(), "spec": obj.get("spec")}
         try:
-            cache, lease = self.caches.update(name, images=spec.images, retention_days=spec.retention_days,
-                                              plain_http=spec.plain_http, insecure=spec.insecure,
-                                              pull_secrets=spec.image_pull_secrets, annotations=spec.annotations,
-                                              resource_version=current.resource_version if checked else None)
+            cache, lease = self.caches.update_spec(name, spec,
+                                                   resource_version=current.resource_version if checked else None)
         except NotFoundLocalError:
             raise _not_found(name) from None
-        except ValidationError as e:
+        except (ValidationError, CapacityError) as e:
             raise _invalid(name, e.message) from None
         except CacheStateError as e:
             raise _conflict(name, e.message) from None

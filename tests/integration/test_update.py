@@ -118,3 +118,28 @@ def test_apply_dry_run_prints_each_change_and_changes_nothing(tmp_path: Path, pl
         "imagecache fresh would be created",
     ]
     assert [c.name for c in Caches(home).list()] == ["app"] and Caches(home).get("app") == before
+
+
+def test_the_api_put_replaces_the_spec_and_repacks(tmp_path: Path, plain_registry: Any) -> None:
+    from builder.server.api import BuildRunner, ImageCacheAPI
+
+    caches = Caches(tmp_path)
+    _, lease = caches.create("app", spec(plain_registry, "fixtures/base:1.0"))
+    first = Builder(caches).build("app", lease)
+    runner = BuildRunner(Builder(caches), workers=1)
+    api = ImageCacheAPI(caches, runner)
+    path = f"{ImageCacheAPI.PREFIX}/app"
+    body = document("app", plain_registry, "fixtures/base:1.0", size=32).encode()
+    headers = {"Content-Type": "application/yaml"}
+    try:
+        dry = api.handle("PUT", path + "?dryRun=All", headers, body)
+        assert dry.status == 200 and json.loads(dry.body)["spec"]["imageCacheSize"] == 32
+        assert caches.get("app") == first
+        put = api.handle("PUT", path, headers, body)
+        assert put.status == 200, put.body
+        assert json.loads(put.body)["status"]["phase"] == "Updating"
+    finally:
+        runner.shutdown(wait=True)
+    result = caches.get("app")
+    assert result.phase == "Ready" and result.spec.size_gib == 32, result.message
+    assert Volume.open(Path(result.volume.path)).capacity == 32 * GIB
