@@ -14,6 +14,7 @@ install: system-deps $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@bash registry-fixtures/install-kubectl.sh $(VENV)
 	touch $@
 
 system-deps:

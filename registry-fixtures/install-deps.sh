@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo need, only where missing:
 # docker-registry (registry:2), skopeo (the peer we verify and benchmark against),
-# podman (podman load takes the exported archives whole) and kubectl (the client of
-# the ImageCache API; Debian's kubernetes-client where no kubectl is installed).
+# podman (podman load takes the exported archives whole). kubectl comes from
+# install-kubectl.sh (Debian's kubernetes-client is too old for imc serve).
 # apt-get waits for a lock another install holds instead of failing.
 # A registry binary named registry (upstream distribution, Fedora's docker-distribution)
 # or given by IMC_REGISTRY_BIN counts as installed.
@@ -12,7 +12,6 @@ missing=()
     || missing+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
 command -v podman >/dev/null 2>&1 || missing+=(podman)
-command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 [ ${#missing[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -480,7 +480,10 @@ class ImageCacheAPI:
         since_text = (query.get("resourceVersion") or [""])[-1]
         if since_text not in ("", "0") and not (since_text.isascii() and since_text.isdigit() and len(since_text) < 19):
             raise ApiError(400, "BadRequest", f"resourceVersion {_clip(since_text, 40)!r} is not a resource version")
-        since = int(since_text) if since_text not in ("", "0") else None
+        # sendInitialEvents (kubectl 1.35 and later): every cache as ADDED, then a
+        # bookmark that says the initial events are over.
+        initial = _flag(query, "sendInitialEvents")
+        since = int(since_text) if since_text not in ("", "0") and not initial else None
         timeout_text = (query.get("timeoutSeconds") or [str(MAX_WATCH_SECONDS)])[-1]
         if not (timeout_text.isascii() and timeout_text.isdigit() and len(timeout_text) < 10):
             raise ApiError(400, "BadRequest", f"timeoutSeconds {_clip(timeout_text, 40)!r} is not a number")
@@ -491,15 +494,15 @@ class ImageCacheAPI:
                 raise ApiError(429, "TooManyRequests", f"too many watches open (at most {MAX_WATCHES}); try again later",
                                headers={"Retry-After": "5"})
             self._watches += 1
-        events = self._watch_events(wanted, since, time.monotonic() + seconds)
+        events = self._watch_events(wanted, since, time.monotonic() + seconds, initial)
         return Response(200, b"", JSON, {}, stream=_WatchStream(self, events, as_table, include))
 
     def _watch_ended(self) -> None:
         with self._watch_lock:
             self._watches -= 1
 
-    def _watch_events(self, wanted: str | None, since: int | None,
-                      deadline: float) -> Generator[tuple[str, dict[str, Any]], None, None]:
+    def _watch_events(self, wanted: str | None, since: int | None, deadline: float,
+                      initial_end: bool = False) -> Generator[tuple[str, dict[str, Any]], None, None]:
         """Poll the records' revision; on a change, compare every cache with what was
         last seen and yield what changed, in the order of the writes."""
         known: dict[str, dict[str, Any]] = {}
@@ -513,6 +516,9 @@ class ImageCacheAPI:
                 yield "ADDED", obj
             elif cache.resource_version > since:
                 yield "MODIFIED", obj
+        if initial_end:
+            yield "BOOKMARK", {"apiVersion": API_VERSION, "kind": KIND, "metadata": {
+                "resourceVersion": str(revision), "annotations": {"k8s.io/initial-events-end": "true"}}}
         while time.monotonic() < deadline:
             time.sleep(WATCH_POLL_SECONDS)
             now = self.caches.revision()
@@ -549,7 +555,7 @@ class _WatchStream:
     def __iter__(self) -> Iterator[bytes]:
         try:
             for kind, obj in self.events:
-                if self.as_table:
+                if self.as_table and kind != "BOOKMARK":
                     obj = table([obj], now_utc(), self.include)
                 yield json.dumps({"type": kind, "object": obj}).encode() + b"\n"
         finally:

@@ -29,7 +29,9 @@ import requests
 import yaml
 from support.imccli import imc_env
 
-KUBECTL = shutil.which("kubectl")
+# The venv's kubectl when install-kubectl.sh put one there (none on PATH, or too old).
+KUBECTL = str(Path(sys.executable).parent / "kubectl") if (Path(sys.executable).parent / "kubectl").exists() \
+    else shutil.which("kubectl")
 IMC = [sys.executable, "-m", "builder"]
 TIMEOUT = 120
 
@@ -71,7 +73,7 @@ def image_cache(name: str, registry: str, *refs: str, **spec: Any) -> dict[str, 
 def serving(tmp_path: Path, *serve_args: str, kubeconfig_args: tuple[str, ...] = ()) -> Iterator[Kube]:
     """``imc serve`` on a free loopback port and kubectl configured by ``imc kubeconfig``."""
     if KUBECTL is None:
-        pytest.fail("kubectl is not installed: make install installs it (registry-fixtures/install-deps.sh)")
+        pytest.fail("kubectl is not installed: make install installs it (registry-fixtures/install-kubectl.sh)")
     home = tmp_path / "imc-home"
     proc = subprocess.Popen([*IMC, "serve", "--listen", "127.0.0.1:0", "--sweep-interval", "0", *serve_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=imc_env(home))

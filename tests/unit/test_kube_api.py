@@ -346,3 +346,13 @@ def test_the_api_answers_other_machines_only_with_a_token(tmp_path: Path) -> Non
     assert wrong.status == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
     ok = guarded.handle("GET", PREFIX, {"Authorization": "Bearer " + "t" * 20}, b"", peer="192.0.2.7")
     assert ok.status == 200
+
+
+def test_watch_with_initial_events_ends_them_with_a_bookmark(api: ImageCacheAPI) -> None:
+    create(api, "web")
+    resp = api.handle("GET", f"{PREFIX}?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan"
+                      "&allowWatchBookmarks=true&timeoutSeconds=1", {}, b"")
+    assert resp.stream is not None
+    events = [json.loads(line) for line in resp.stream]
+    assert [e["type"] for e in events] == ["ADDED", "BOOKMARK"]
+    assert events[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
