@@ -218,7 +218,9 @@ class Caches:
         """When ``cache`` expires: the end of its retention (or 24 h after it failed),
         or for an automatic cache ``auto_unused_days`` after its last use, whichever
         comes first; None for never."""
-        expire = parse_time(cache.expire)
+        # An automatic cache has no retention: its stored date counts only once it failed
+        # (the date shown for it otherwise is derived here, from its last use).
+        expire = parse_time(cache.expire) if not cache.auto or cache.phase == FAILED else None
         if cache.auto:
             unused = unused if unused is not None else dt.timedelta(days=self.settings.auto_unused_days)
             last = parse_time(cache.last_used or cache.created)
@@ -226,11 +228,18 @@ class Caches:
                 expire = min(expire, last + unused) if expire else last + unused
         return expire
 
+    def _shown(self, cache: ImageCache, unused: dt.timedelta) -> ImageCache:
+        """``cache`` as readers see it: an automatic cache's ``expire`` is the date it
+        will expire (its last use plus ``auto_unused_days``), which moves with each use."""
+        if cache.auto:
+            cache.expire = rfc3339(self.expiry(cache, unused))
+        return cache
+
     def _current(self, cache: ImageCache) -> ImageCache:
         if self._expire(cache, self.clock(), self._unused()):
             raise NotFoundLocalError(f"image cache {cache.name!r} does not exist (it expired at "
                                      f"{rfc3339(self.expiry(cache))} and is deleted)")
-        return self._reconcile(cache)
+        return self._shown(self._reconcile(cache), self._unused())
 
     def _sweep(self) -> tuple[list[ImageCache], list[str]]:
         """The caches that have not expired, and the names of those deleted as expired."""
@@ -240,7 +249,7 @@ class Caches:
             if self._expire(cache, now, unused):
                 deleted.append(cache.name)
             else:
-                live.append(self._reconcile(cache))
+                live.append(self._shown(self._reconcile(cache), unused))
         return live, deleted
 
     def _unused(self) -> dt.timedelta:
@@ -434,7 +443,7 @@ class Caches:
             cache.last_used = rfc3339(now)
 
         try:
-            return self._db.update(name, use)
+            return self._shown(self._db.update(name, use), unused)
         except _Expired:
             self._expire(expired[0], now, unused)
             raise NotFoundLocalError(f"image cache {name!r} does not exist (it expired and is deleted)") from None

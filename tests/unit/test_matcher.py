@@ -294,11 +294,12 @@ def test_explicit_cache_id_not_ready_is_a_state_error(caches: Caches, leases: li
     assert caches.get("busy").last_used is None
 
 
-def test_explicit_cache_id_too_small_is_an_error(caches: Caches) -> None:
+def test_explicit_cache_id_too_small_is_used_with_a_warning(caches: Caches) -> None:
     named = record(caches, "small", "team/app:1.0", size=20)
-    with pytest.raises(CacheStateError, match="is 20 GiB, less than the 21 GiB of storage requested"):
-        best(caches, "team/app:1.0", cache_id=named.id, storage_gib=21)
-    assert best(caches, "team/app:1.0", cache_id=named.id, storage_gib=20).cache.name == "small"
+    match = best(caches, "team/app:1.0", cache_id=named.id, storage_gib=21)
+    assert match.cache.name == "small"
+    assert any("is 20 GiB, less than the 21 GiB of storage requested" in w for w in match.warnings)
+    assert not best(caches, "team/app:1.0", cache_id=named.id, storage_gib=20).warnings
 
 
 def test_explicit_cache_id_of_a_dead_build_reports_it_failed(caches: Caches) -> None:
@@ -323,6 +324,21 @@ def test_a_hit_marks_the_cache_used_and_a_miss_marks_nothing(caches: Caches, clo
     clock.now += dt.timedelta(hours=1)
     best(caches, "team/app:1.0", cache_id=named.id)
     assert caches.get("runner-up").last_used == "2026-11-04T13:00:00Z"
+
+
+def test_an_automatic_cache_shows_when_it_expires_from_its_last_use(caches: Caches, clock: Clock) -> None:
+    created = best(caches, "team/app:1.0", auto_match=True, instance_id="eci-9")
+    created.lease.release()
+    name = created.cache.name
+    caches.change(name, lambda c: setattr(c, "phase", READY))
+    assert caches.get(name).expire == "2026-12-01T12:00:00Z"  # created at T0, 30 days unused
+    assert caches.get(name).to_object()["status"]["expireDateTime"] == "2026-12-01T12:00:00Z"
+    clock.now = T0 + dt.timedelta(days=10)
+    assert best(caches, "team/app:1.0").cache.name == name  # a hit moves the date on
+    assert caches.get(name).expire == "2026-12-11T12:00:00Z"
+    assert [c.expire for c in caches.list()] == ["2026-12-11T12:00:00Z"]
+    clock.now = T0 + dt.timedelta(days=40, seconds=1)
+    assert caches.list() == []  # expired at the date it showed
 
 
 def test_auto_match_with_a_match_creates_nothing(caches: Caches) -> None:
