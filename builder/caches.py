@@ -16,7 +16,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -342,16 +342,19 @@ class Caches:
         )
         return self.update_spec(name, spec, resource_version)
 
-    def plan_update(self, name: str, spec: CacheSpec) -> UpdatePlan:
+    def plan_update(self, name: str, spec: CacheSpec, provided: Collection[str] = ()) -> UpdatePlan:
         """What ``update_spec(name, spec)`` would change, field by field, and whether it
-        rebuilds; raises what it would refuse. Writes nothing (``imc apply --dry-run``)."""
+        rebuilds; raises what it would refuse. Writes nothing (``imc apply --dry-run``).
+        The pull secrets named in ``provided`` count as present: the same file stores
+        them before the update runs."""
         current = self.get(name)
         if current.phase not in (READY, UPDATE_FAILED):
             raise CacheStateError(f"image cache {name} is {current.phase}: updates are allowed only in "
                                   f"{READY} or {UPDATE_FAILED}")
         spec = spec.validated()
         for secret in spec.image_pull_secrets:
-            self.secrets.load(secret)
+            if secret not in provided:
+                self.secrets.load(secret)
         changes = spec_changes(current.spec, spec)
         resize = spec.size_gib != current.spec.size_gib
         if resize and spec.images == current.spec.images and current.unpacked_bytes > spec.size_gib * GIB:

@@ -249,6 +249,11 @@ def apply(ctx: Context, filename: str, dry_run: bool, wait: bool, quiet: bool) -
                 parsed.append(spec_from_object(doc))
         except ValidationError as e:
             raise ValidationError(f"document {i}: {e.message}") from None
+    caches = ctx.caches
+    # Every update is worked out before any document is applied: one refused changes
+    # nothing, not even the Secrets of the same file (which the updates may name).
+    provided = {ref for ref, _ in pull_secrets}
+    plans = {name: caches.plan_update(name, spec, provided) for name, spec, _ in parsed if caches.exists(name)}
     for ref, auths in pull_secrets:
         assert ref is not None  # a Secret document always names itself
         if dry_run:
@@ -256,9 +261,6 @@ def apply(ctx: Context, filename: str, dry_run: bool, wait: bool, quiet: bool) -
             continue
         ctx.secrets.store(ref, auths)
         click.echo(f"secret {ref} stored for {', '.join(sorted(auths))}")
-    caches = ctx.caches
-    # Every update is worked out before any document is applied: one refused changes nothing.
-    plans = {name: caches.plan_update(name, spec) for name, spec, _ in parsed if caches.exists(name)}
     for name, spec, no_effect in parsed:
         if name in plans:
             plan = plans[name]

@@ -59,6 +59,24 @@ spec:
     assert stored.name == "registries.team.json" and stored.stat().st_mode & 0o777 == 0o600
     assert ok(home, "secret", "list").stdout.split() == ["ci:registries.team"]
 
+    # An update naming a Secret of the same file is planned with that Secret counted in.
+    other = kubectl_secret("generic", "other", "--type=kubernetes.io/dockerconfigjson",
+                           f"--from-file=.dockerconfigjson={config}", "-n", "ci")
+    renamed = manifest.read_text().split("---\n", 1)[1].replace("- ci:registries.team", "- ci:other")
+    update = tmp_path / "update.yaml"
+    update.write_text(other + "---\n" + renamed)
+    dry = ok(home, "apply", "-f", str(update), "--dry-run")
+    assert "secret ci:other would be stored" in dry.stdout
+    assert "imagecache both would be configured" in dry.stdout and "imagePullSecrets" in dry.stdout
+    assert ok(home, "secret", "list").stdout.split() == ["ci:registries.team"]
+
+    # An update that is refused stores none of the file's Secrets either.
+    update.write_text(other + "---\n" + renamed.replace("- ci:other", "- ci:missing"))
+    refused = subprocess.run([*IMC, "apply", "-f", str(update)], env=imc_env(home), capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert refused.returncode != 0 and "ci:missing" in refused.stderr
+    assert ok(home, "secret", "list").stdout.split() == ["ci:registries.team"]
+
 
 def test_bad_secret_in_a_file_applies_nothing(tmp_path: Path, basic_registry: Any) -> None:
     home = tmp_path / "home"
