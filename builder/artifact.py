@@ -115,10 +115,27 @@ class PartDone:
 
 
 @dataclass(frozen=True)
+class TransferPlanned:
+    """The parts to move, with each one's size, before the first byte moves."""
+
+    sizes: tuple[int, ...]
+
+    @property
+    def parts(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True)
 class BytesMoved:
-    """``delta`` more bytes moved; negative when an upload session was abandoned."""
+    """``delta`` more bytes of part ``part`` moved; negative when an upload session
+    was abandoned."""
 
     delta: int
+    part: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,7 @@ class Verifying:
     size: int
 
 
-TransferEvent = PartSkipped | PartDone | BytesMoved | Verifying
+TransferEvent = TransferPlanned | PartSkipped | PartDone | BytesMoved | Verifying
 """Progress of a push or pull, for the CLI to render: one type per kind of step."""
 
 
@@ -247,6 +264,7 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
             registry.upload_blob(repo, config_desc.digest, config)
         uploaded = skipped = sent = 0
         layers = []
+        emit(TransferPlanned(tuple(n for _, n, _ in parts)))
         for i, (offset, n, digest) in enumerate(parts):
             layers.append(Descriptor(VOLUME_TYPE, digest, n, annotations={
                 A_TITLE: f"{cache.id}{VOLUME_SUFFIX}.{i:04d}", A_OFFSET: str(offset)}))
@@ -258,8 +276,8 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
             def read(pos: int, count: int, base: int = offset) -> bytes:
                 return pread_exact(fd, base + pos, count, "the volume being pushed")
 
-            def moved(count: int) -> None:
-                emit(BytesMoved(count))
+            def moved(count: int, part: int = i) -> None:
+                emit(BytesMoved(count, part))
 
             if n <= chunk_size:
                 registry.upload_blob(repo, digest, read(0, n))
@@ -458,6 +476,7 @@ def pull_cache(caches: Caches, source: Reference, policy: HostPolicy | None = No
         raise AlreadyExistsError(f"name {name!r}: an image cache with this name already exists (pass --name)")
 
     def write(partial: Path) -> ImportedVolume:
+        emit(TransferPlanned(tuple(desc.size for desc, _ in artifact.parts)))
         _download(registry, source, artifact, partial, concurrency, emit)
         emit(Verifying(artifact.volume_size))
         volume = Volume.open(partial)
@@ -490,7 +509,7 @@ def _download(registry: Registry, source: Reference, artifact: Artifact, partial
 
         def moved(n: int) -> None:
             with lock:
-                emit(BytesMoved(n))
+                emit(BytesMoved(n, i))
 
         _fetch(registry, source.repository, desc, sink, moved)
         sink.check()

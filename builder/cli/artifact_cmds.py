@@ -7,19 +7,9 @@ from typing import Any
 
 import click
 
-from builder.artifact import (
-    PART_SIZE,
-    BytesMoved,
-    PartDone,
-    PartSkipped,
-    TransferEvent,
-    Verifying,
-    pull_cache,
-    push_cache,
-)
+from builder.artifact import PART_SIZE, pull_cache, push_cache
 from builder.cli.common import (
     Context,
-    ProgressLines,
     emit_json,
     emit_yaml,
     human,
@@ -31,6 +21,7 @@ from builder.cli.common import (
     show,
     timeout_option,
 )
+from builder.cli.progress import transfer_progress
 from builder.reference import parse as parse_reference
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
 from builder.registry.uploads import UPLOAD_CHUNK
@@ -50,25 +41,6 @@ class ByteSize(click.ParamType):
         if not m or int(m.group(1)) <= 0:
             self.fail(f"{value!r}: want a positive size such as 64M, 512k or 1048576", param, ctx)
         return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
-
-
-class TransferProgress(ProgressLines):
-    """Renders push and pull progress: a line per part, and a live total."""
-
-    def __call__(self, event: TransferEvent) -> None:
-        with self.lock:
-            if isinstance(event, BytesMoved):
-                self.bytes += event.delta
-                if event.delta < 0:
-                    self._line(f"  a session was lost: {human(-event.delta)} go again")
-                self._status()
-            elif isinstance(event, PartDone):
-                self._line(f"  {self.verb} part {event.part + 1}/{event.parts}  {human(event.size):>10}")
-            elif isinstance(event, PartSkipped):
-                self._line(f"  skipped  part {event.part + 1}/{event.parts}  {human(event.size):>10}  "
-                           "(already in the registry)")
-            elif isinstance(event, Verifying):
-                self._line(f"verifying the volume ({human(event.size)})")
 
 
 @click.command("push")
@@ -93,9 +65,9 @@ def volume_push(ctx: Context, name: str, target: str, plain_http: tuple[str, ...
     """
     ref = parse_reference(target)
     policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
-    result = push_cache(ctx.caches, name, ref, policy, make_keychain(ctx, pull_secrets), part_size=part_size,
-                        chunk_size=chunk_size, retry=retry_policy(ctx, timeout),
-                        on_progress=None if quiet or output != "table" else TransferProgress("uploaded"))
+    with transfer_progress("uploaded", quiet or output != "table") as progress:
+        result = push_cache(ctx.caches, name, ref, policy, make_keychain(ctx, pull_secrets), part_size=part_size,
+                            chunk_size=chunk_size, retry=retry_policy(ctx, timeout), on_progress=progress)
     if output == "json":
         emit_json(result.to_json())
     elif output == "yaml":
@@ -123,9 +95,9 @@ def volume_pull(ctx: Context, ref: str, name: str | None, plain_http: tuple[str,
     serves at once. Every part and the whole volume are verified first."""
     source = parse_reference(ref)
     policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
-    cache = pull_cache(ctx.caches, source, policy, make_keychain(ctx, pull_secrets), name=name,
-                       concurrency=concurrency, retry=retry_policy(ctx, timeout),
-                       on_progress=None if quiet or output != "table" else TransferProgress("downloaded"))
+    with transfer_progress("downloaded", quiet or output != "table") as progress:
+        cache = pull_cache(ctx.caches, source, policy, make_keychain(ctx, pull_secrets), name=name,
+                           concurrency=concurrency, retry=retry_policy(ctx, timeout), on_progress=progress)
     show(cache, output)
     if output == "table":
         click.echo(f"imported from {source}: {', '.join(i.name for i in cache.images)}")

@@ -17,7 +17,6 @@ from builder.caches import UNSET, BuildLease, Caches, UpdatePlan, shown_value
 from builder.cli.artifact_cmds import volume_pull, volume_push
 from builder.cli.common import (
     Context,
-    PullProgress,
     emit,
     emit_json,
     emit_yaml,
@@ -28,6 +27,7 @@ from builder.cli.common import (
     show,
     timeout_option,
 )
+from builder.cli.progress import pull_progress
 from builder.errors import BuildFailedError, ExitCode, ValidationError
 from builder.export import FORMATS, OCI_ARCHIVE, export_archive, stream_archive
 from builder.home import open_unlinked
@@ -51,10 +51,10 @@ def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, qu
     """Build now (``--wait``: here, with progress) or in a detached builder process;
     its pull gives up after ``timeout`` seconds (default: the settings')."""
     if wait:
-        progress = None if quiet else PullProgress()
-        final = Builder(ctx.caches).build(cache.name, lease, on_pull=progress,
-                                          on_event=None if progress is None else progress.cache_event,
-                                          timeout=timeout)
+        with pull_progress(quiet) as progress:
+            final = Builder(ctx.caches).build(cache.name, lease, on_pull=progress,
+                                              on_event=None if progress is None else progress.cache_event,
+                                              timeout=timeout)
         if final.phase in (FAILED, UPDATE_FAILED):
             raise BuildFailedError(f"image cache {final.name} is {final.phase}: {final.message}")
         return final

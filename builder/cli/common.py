@@ -1,11 +1,8 @@
-"""What the imc commands share: the context, output helpers, progress rendering."""
+"""What the imc commands share: the context and output helpers."""
 
 from __future__ import annotations
 
 import json
-import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,9 +16,8 @@ from builder.store import Store
 
 if TYPE_CHECKING:
     from builder.caches import Caches
-    from builder.digest import Digest
-    from builder.imagecache import Event, ImageCache
-    from builder.pull import PullEvent, PullResult
+    from builder.imagecache import ImageCache
+    from builder.pull import PullResult
 
 def human(n: float) -> str:
     """Bytes as people read them (decimal units, like registries and skopeo)."""
@@ -84,70 +80,6 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
-
-
-class ProgressLines:
-    """Progress on stderr: finished steps as lines, and on a terminal a live total
-    that those lines are printed over."""
-
-    def __init__(self, verb: str, stream=None) -> None:  # type: ignore[no-untyped-def]
-        self.verb = verb
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.lock = threading.Lock()
-        self.bytes = 0
-        self.started = time.monotonic()
-        self.last_draw = 0.0
-
-    def _line(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def _status(self) -> None:
-        now = time.monotonic()
-        if not self.tty or now - self.last_draw < 0.1:
-            return
-        self.last_draw = now
-        rate = self.bytes / max(now - self.started, 1e-6)
-        self.stream.write(f"\r\x1b[K  {human(self.bytes)} {self.verb}, {human(rate)}/s")
-        self.stream.flush()
-
-
-class PullProgress(ProgressLines):
-    """Renders pull events: a line per blob (fetched or reused), and a live total."""
-
-    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
-        super().__init__("fetched", stream)
-        self.seen: set[Digest] = set()
-
-    def __call__(self, event: PullEvent) -> None:
-        from builder.pull import BlobDone, BlobProgress, BlobStarted, ImageDone, ImageResolved  # only pulls load it
-
-        with self.lock:
-            if isinstance(event, ImageResolved):
-                self._line(f"{event.image}: resolved {event.digest}")
-            elif isinstance(event, BlobStarted):
-                self.bytes += event.offset
-                if event.offset:
-                    self._line(f"  resume {event.digest.short} at {human(event.offset)}")
-            elif isinstance(event, BlobProgress):
-                self.bytes += event.delta
-                self._status()
-            elif isinstance(event, BlobDone) and event.digest not in self.seen:
-                self.seen.add(event.digest)
-                verb = "reused " if event.reused else "fetched"
-                self._line(f"  {verb} {event.digest.short}  {human(event.size):>10}  {event.media_type}")
-            elif isinstance(event, ImageDone):
-                self._line(f"{event.image}: complete")
-
-    def cache_event(self, event: Event) -> None:
-        """A cache's own steps (resolved, capacity, flash, volume) between the blob lines."""
-        if event.reason in ("LayerFetched", "LayerReused", "ImageResolved"):
-            return  # the blob and image lines already say it
-        with self.lock:
-            self._line(f"[{event.reason}] {event.message}")
 
 
 def age(created: str | None) -> str:

@@ -9,7 +9,6 @@ import click
 
 from builder.cli.common import (
     Context,
-    PullProgress,
     emit,
     human,
     make_keychain,
@@ -20,6 +19,7 @@ from builder.cli.common import (
     retry_policy,
     timeout_option,
 )
+from builder.cli.progress import pull_progress
 from builder.digest import Digest
 from builder.errors import ExitCode, NotFoundLocalError, ValidationError
 from builder.oci import Platform, layer_compression
@@ -46,13 +46,13 @@ def pull(ctx: Context, refs: tuple[str, ...], platform: str | None, concurrency:
     """Pull images into the store, fetching only the blobs it does not hold."""
     references = [parse_reference(r) for r in refs]
     policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
-    puller = Puller(ctx.store, policy, make_keychain(ctx, pull_secrets),
-                    Platform.parse(platform) if platform else None, concurrency,
-                    on_event=None if quiet or output != "table" else PullProgress(),
-                    retry=retry_policy(ctx, timeout))
-    started = time.monotonic()
-    result = puller.pull(references)
-    elapsed = time.monotonic() - started
+    with pull_progress(quiet or output != "table") as progress:
+        puller = Puller(ctx.store, policy, make_keychain(ctx, pull_secrets),
+                        Platform.parse(platform) if platform else None, concurrency, on_event=progress,
+                        retry=retry_policy(ctx, timeout))
+        started = time.monotonic()
+        result = puller.pull(references)
+        elapsed = time.monotonic() - started
     if output != "table":
         emit({**pull_result_json(result), "seconds": round(elapsed, 3)}, output)
         return

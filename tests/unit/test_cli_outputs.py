@@ -17,11 +17,10 @@ import yaml
 from click.testing import CliRunner
 
 from builder import __version__
-from builder.artifact import BytesMoved, PartDone, PartSkipped, Verifying
+from builder.artifact import BytesMoved, PartDone, PartSkipped, TransferPlanned, Verifying
 from builder.caches import Caches
 from builder.cli import cli
-from builder.cli.artifact_cmds import TransferProgress
-from builder.cli.common import PullProgress
+from builder.cli.progress import PullLines, TransferLines, pull_progress, transfer_progress
 from builder.digest import Digest
 from builder.imagecache import CacheSpec
 from builder.pull import BlobDone, BlobProgress, BlobStarted, ImageDone, ImageResolved, PullPlanned
@@ -143,10 +142,10 @@ def test_bash_completion_through_click(tmp_path: Path) -> None:
 # -- progress --------------------------------------------------------------------------
 
 
-def test_pull_progress_renders_each_kind_of_event() -> None:
+def test_pull_progress_in_a_log_renders_each_kind_of_event() -> None:
     layer, config, manifest = Digest.of(b"layer"), Digest.of(b"config"), Digest.of(b"manifest")
     out = io.StringIO()
-    progress = PullProgress(out)
+    progress = PullLines(out)
     for event in (ImageResolved("r/app:v1", manifest, 500), PullPlanned(blobs=2, size=3000),
                   BlobStarted("r/app:v1", layer, 2000, "layer", offset=700),
                   BlobProgress("r/app:v1", layer, 2000, "layer", delta=1300),
@@ -155,29 +154,54 @@ def test_pull_progress_renders_each_kind_of_event() -> None:
                   BlobDone("r/app:v1", config, 1000, "config", origin="store"),
                   ImageDone("r/app:v1", manifest, bytes_fetched=2000, bytes_reused=1000)):
         progress(event)
-    assert out.getvalue().splitlines() == [
+    lines = out.getvalue().splitlines()
+    assert lines[:5] == [
         f"r/app:v1: resolved {manifest}",
+        "2 blobs, 3.0 kB in total",
         f"  resume {layer.short} at 700 B",
         f"  fetched {layer.short}      2.0 kB  layer",
         f"  reused  {config.short}      1.0 kB  config",
-        "r/app:v1: complete",
     ]
-    assert progress.bytes == 2000  # the resumed offset and the bytes that arrived after it
+    assert lines[5].startswith("  3.0 kB of 3.0 kB (100%) fetched, ")  # the summary once all is there
+    assert lines[6:] == ["r/app:v1: complete"]
+    assert progress.tally.moved == 1300  # the rate counts only bytes that arrived now
 
 
-def test_transfer_progress_renders_each_kind_of_event() -> None:
+def test_pull_progress_in_a_log_summarises_periodically(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = Digest.of(b"layer")
     out = io.StringIO()
-    progress = TransferProgress("uploaded", out)
-    for event in (PartSkipped(0, 2, 4000), BytesMoved(3000), BytesMoved(-1000), BytesMoved(3000), PartDone(1, 2, 5000),
-                  Verifying(9000)):
+    progress = PullLines(out)
+    progress(PullPlanned(blobs=1, size=4000))
+    progress(BlobProgress("r/app:v1", layer, 4000, "layer", delta=1000))
+    assert "of" not in out.getvalue().splitlines()[-1]  # not yet due
+    progress.last_summary -= 11
+    progress(BlobProgress("r/app:v1", layer, 4000, "layer", delta=1000))
+    assert out.getvalue().splitlines()[-1].startswith("  2.0 kB of 4.0 kB (50%) fetched, ")
+
+
+def test_transfer_progress_in_a_log_renders_each_kind_of_event() -> None:
+    out = io.StringIO()
+    progress = TransferLines("uploaded", out)
+    for event in (TransferPlanned((4000, 5000)), PartSkipped(0, 2, 4000), BytesMoved(3000, 1), BytesMoved(-1000, 1),
+                  BytesMoved(3000, 1), PartDone(1, 2, 5000), Verifying(9000)):
         progress(event)
-    assert out.getvalue().splitlines() == [
+    lines = out.getvalue().splitlines()
+    assert lines[:4] == [
+        "2 parts, 9.0 kB in total",
         "  skipped  part 1/2      4.0 kB  (already in the registry)",
         "  a session was lost: 1.0 kB go again",
         "  uploaded part 2/2      5.0 kB",
-        "verifying the volume (9.0 kB)",
     ]
-    assert progress.bytes == 5000
+    assert lines[4].startswith("  9.0 kB of 9.0 kB (100%) uploaded, ")
+    assert lines[5:] == ["verifying the volume (9.0 kB)"]
+    assert progress.tally.moved == 5000
+
+
+def test_quiet_progress_is_none_and_a_pipe_gets_lines() -> None:
+    with pull_progress(True) as none, transfer_progress("uploaded", True) as nothing:
+        assert none is None and nothing is None
+    with pull_progress(False, io.StringIO()) as lines, transfer_progress("uploaded", False, io.StringIO()) as parts:
+        assert isinstance(lines, PullLines) and isinstance(parts, TransferLines)
 
 
 def test_mirror_config_for_several_registries_names_the_same_upstreams(tmp_path: Path) -> None:
