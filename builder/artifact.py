@@ -11,9 +11,16 @@ OCI image manifest (``application/vnd.oci.image.manifest.v1+json``)::
                     digests, unpacked and volume sizes (no events, no local paths)
     layers        application/vnd.imc.snapshot.volume.v1, one per part of the volume
                     file, in order; part i holds bytes [offset, offset + size) of the
-                    volume, ``vnd.imc.volume.offset`` says which
-    annotations   vnd.imc.volume.size (the whole file), vnd.imc.cache.name,
-                  vnd.imc.cache.id, org.opencontainers.image.created
+                    volume, ``dev.imc.volume.offset`` says which, and its
+                    ``org.opencontainers.image.title`` is ``NAME.imcv.part-NNNN``
+                    (as many digits as the last part needs), so that a generic
+                    client (oras pull) writes each part to its own file and
+                    ``cat NAME.imcv.part-* > NAME.imcv`` puts them back in order
+    annotations   dev.imc.volume.size (the whole file), dev.imc.cache.name,
+                  dev.imc.cache.id, org.opencontainers.image.created
+
+Annotation keys are in reverse-domain form, as the image spec asks; artifacts pushed
+before that used ``vnd.imc.*`` keys, which are still read.
 
 Why parts, not one layer: registry:2 (distribution 2.8, measured) cancels an upload
 session whose PATCH was cut mid-body, because the session's offset travels signed in
@@ -83,14 +90,15 @@ from builder.volume import Volume
 ARTIFACT_TYPE = "application/vnd.imc.snapshot.v1"
 CONFIG_TYPE = "application/vnd.imc.snapshot.config.v1+json"
 VOLUME_TYPE = "application/vnd.imc.snapshot.volume.v1"
-A_VOLUME_SIZE = "vnd.imc.volume.size"
-A_OFFSET = "vnd.imc.volume.offset"
-A_CACHE_NAME = "vnd.imc.cache.name"
-A_CACHE_ID = "vnd.imc.cache.id"
+A_VOLUME_SIZE = "dev.imc.volume.size"
+A_OFFSET = "dev.imc.volume.offset"
+A_CACHE_NAME = "dev.imc.cache.name"
+A_CACHE_ID = "dev.imc.cache.id"
 A_TITLE = "org.opencontainers.image.title"
 A_CREATED = "org.opencontainers.image.created"
 
 PART_SIZE = 64 << 20
+PART_INFIX = ".part-"
 MAX_CONFIG_BYTES = 1 << 20
 _READ = 4 << 20
 _ID_RE = re.compile(r"^imc-[a-z0-9]{1,40}\Z")
@@ -265,9 +273,10 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
         uploaded = skipped = sent = 0
         layers = []
         emit(TransferPlanned(tuple(n for _, n, _ in parts)))
+        width = max(4, len(str(len(parts) - 1)))  # one width for all: a shell glob sorts them in order
         for i, (offset, n, digest) in enumerate(parts):
             layers.append(Descriptor(VOLUME_TYPE, digest, n, annotations={
-                A_TITLE: f"{cache.id}{VOLUME_SUFFIX}.{i:04d}", A_OFFSET: str(offset)}))
+                A_TITLE: f"{cache.name}{VOLUME_SUFFIX}{PART_INFIX}{i:0{width}d}", A_OFFSET: str(offset)}))
             if registry.blob_exists(repo, digest):
                 skipped += 1
                 emit(PartSkipped(i, len(parts), n))
@@ -306,6 +315,13 @@ def push_cache(caches: Caches, name: str, target: Reference, policy: HostPolicy 
 # -- pulling ---------------------------------------------------------------------------
 
 
+def _annotation(annotations: dict[str, str], key: str) -> str | None:
+    """An annotation by its ``dev.imc.`` key, or by the ``vnd.imc.`` key artifacts
+    pushed before the reverse-domain keys used."""
+    value = annotations.get(key)
+    return value if value is not None else annotations.get("vnd.imc." + key.removeprefix("dev.imc."))
+
+
 def parse_artifact(raw: bytes, header_type: str | None, what: str) -> Artifact:
     """Read an imc snapshot artifact's manifest; ``UnsupportedError`` for anything
     else (an ordinary image, an index, another kind of artifact) or a malformed one."""
@@ -329,13 +345,13 @@ def parse_artifact(raw: bytes, header_type: str | None, what: str) -> Artifact:
             desc = Descriptor.from_json(layer)
             if desc.media_type != VOLUME_TYPE:
                 raise ValidationError(f"layer {desc.digest} has media type {desc.media_type!r}, not {VOLUME_TYPE}")
-            declared = desc.annotations.get(A_OFFSET)
+            declared = _annotation(desc.annotations, A_OFFSET)
             if declared is not None and declared != str(offset):
                 raise ValidationError(f"layer {desc.digest} says it starts at {declared}, not {offset}")
             parts.append((desc, offset))
             offset += desc.size
         annotations = obj.get("annotations") if isinstance(obj.get("annotations"), dict) else {}
-        declared_size = annotations.get(A_VOLUME_SIZE)
+        declared_size = _annotation(annotations, A_VOLUME_SIZE)
         if declared_size is not None and declared_size != str(offset):
             raise ValidationError(f"the parts add up to {offset} bytes, the manifest says {declared_size}")
     except ValidationError as e:
