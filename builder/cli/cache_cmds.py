@@ -17,6 +17,7 @@ from builder.caches import UNSET, BuildLease, Caches, UpdatePlan, shown_value
 from builder.cli.artifact_cmds import volume_pull, volume_push
 from builder.cli.common import (
     Context,
+    authfile_option,
     emit,
     emit_json,
     emit_yaml,
@@ -91,6 +92,7 @@ def cache() -> None:
 @click.option("--insecure", multiple=True, metavar="LIST", help="Endpoints to reach over HTTPS without verification.")
 @click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME", help="Stored pull secret to use.")
 @timeout_option
+@authfile_option
 @wait_options
 @output_option("json", "yaml")
 @pass_ctx
@@ -169,6 +171,7 @@ def cache_events(ctx: Context, name: str, output: str) -> None:
 @click.option("--insecure", multiple=True, metavar="LIST")
 @click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME")
 @timeout_option
+@authfile_option
 @wait_options
 @output_option("json", "yaml")
 @pass_ctx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,8 +116,24 @@ def show(cache: ImageCache, output: str) -> None:
         print_table([cache])
 
 
+def _use_authfile(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # Set in the environment, where containers-auth.json(5) says an override lives: the
+    # keychains of this process and of a build it starts in the background both read it.
+    if value is not None:
+        os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(value)
+
+
+def authfile_option(f: Callable) -> Callable:
+    """``--authfile FILE``, as podman, skopeo and buildah take it."""
+    return click.option("--authfile", type=click.Path(exists=True, dir_okay=False), expose_value=False,
+                        callback=_use_authfile, is_eager=True,
+                        help="Credentials file (containers-auth.json) read before the others; "
+                             "default $REGISTRY_AUTH_FILE or $XDG_RUNTIME_DIR/containers/auth.json.")(f)
+
+
 def registry_options(f: Callable) -> Callable:
     """The flags every command that talks to registries shares."""
+    f = authfile_option(f)
     f = click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME",
                      help="Use a stored pull secret (repeatable).")(f)
     f = click.option("--ca-file", type=click.Path(dir_okay=False), help="Extra CA bundle to trust.")(f)

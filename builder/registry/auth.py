@@ -1,9 +1,13 @@
 """Registry credentials, auth challenges, and the bearer-token cache.
 
-Credentials come from a docker ``config.json`` (inline ``auths``, ``credHelpers``,
-``credsStore``) or from imc's own pull secrets, which use the same ``config.json``
-form. A password lives only in a ``Credentials`` object, whose repr hides it, and is
-never written to a log, a record or an error message.
+Credentials come from imc's own pull secrets, then from the files podman, skopeo and
+buildah keep (containers-auth.json(5)), then from docker's ``config.json``: all the
+same JSON form (inline ``auths``, ``credHelpers``, ``credsStore``). An ``auths`` key
+names a registry (``quay.io``) or a namespace in it (``quay.io/team``,
+``host:5000/team/app``); a lookup for a repository takes the most specific key that
+holds it, as containers-auth.json(5) says. A password lives only in a
+``Credentials`` object, whose repr hides it, and is never written to a log, a record
+or an error message.
 
 Tokens are cached per (realm, service, scope): a token for one repository is never
 offered for another, which is what registries scope them to.
@@ -52,9 +56,30 @@ class Credentials:
 
 
 def _endpoint_key(server: str) -> str:
-    """Normalise a config.json key (``https://index.docker.io/v1/``, ``host:5000``)."""
+    """Normalise a registry's name (``https://index.docker.io/v1/``, ``host:5000``) to its host."""
     server = re.sub(r"^[a-z]+://", "", server.strip(), flags=re.IGNORECASE).split("/")[0].lower()
     return "docker.io" if server in ("index.docker.io", "registry-1.docker.io") else server
+
+
+def _auth_key(key: str) -> str:
+    """An ``auths`` key as lookups see it: ``host`` or ``host/namespace``.
+
+    A key in URL form (``https://host/v1/``, as docker login wrote them) names its
+    host only; a key without a scheme keeps its path, a namespace in that registry.
+    """
+    key = key.strip()
+    if re.match(r"^[a-z]+://", key, flags=re.IGNORECASE):
+        return _endpoint_key(key)
+    host, _, path = key.partition("/")
+    path = path.strip("/")
+    return f"{_endpoint_key(host)}/{path}" if path else _endpoint_key(host)
+
+
+def _namespaces(host: str, repository: str | None) -> list[str]:
+    """The keys that may hold a repository's credentials, most specific first:
+    ``h/a/b/c``, ``h/a/b``, ``h/a``, ``h``."""
+    parts = repository.strip("/").split("/") if repository else []
+    return [f"{host}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)] + [host]
 
 
 def _from_auth_entry(entry: dict) -> Credentials | None:
@@ -113,20 +138,23 @@ class DockerConfig:
         auths, helpers = obj.get("auths") or {}, obj.get("credHelpers") or {}
         if not isinstance(auths, dict) or not isinstance(helpers, dict):
             raise ValidationError(f"{origin}: 'auths' and 'credHelpers' must be objects")
-        auths = {_endpoint_key(k): v for k, v in auths.items() if isinstance(v, dict)}
+        # A plain key wins over a URL-form key for the same registry (written later, by newer tools).
+        ordered = sorted((k for k, v in auths.items() if isinstance(v, dict)),
+                         key=lambda k: not re.match(r"^[a-z]+://", k.strip(), flags=re.IGNORECASE))
+        auths = {_auth_key(k): auths[k] for k in ordered}
         helpers = {_endpoint_key(k): v for k, v in helpers.items() if isinstance(v, str)}
         return cls(auths, helpers, obj.get("credsStore") or None)
 
-    def lookup(self, endpoint: str) -> Credentials | None:
-        """Credentials for ``endpoint`` (exact host:port match), or None."""
+    def lookup(self, endpoint: str, repository: str | None = None) -> Credentials | None:
+        """Credentials for ``repository`` on ``endpoint`` (host:port matched exactly),
+        from the most specific ``auths`` key that holds it, or None."""
         key = _endpoint_key(endpoint)
         # Helpers hold Docker Hub's credentials under the server URL docker login uses.
         server = DOCKER_HUB_SERVER if key == "docker.io" else key
         if key in self.cred_helpers:
             return _run_helper(self.cred_helpers[key], server)
-        if key in self.auths:
-            found = _from_auth_entry(self.auths[key])
-            if found:
+        for candidate in _namespaces(key, repository):
+            if candidate in self.auths and (found := _from_auth_entry(self.auths[candidate])):
                 return found
         if self.creds_store:
             return _run_helper(self.creds_store, server)
@@ -137,6 +165,25 @@ def docker_config_path() -> Path:
     """Where docker keeps its config: ``$DOCKER_CONFIG/config.json`` or ``~/.docker``."""
     base = os.environ.get("DOCKER_CONFIG") or os.path.join(Path.home(), ".docker")
     return Path(base) / "config.json"
+
+
+def containers_auth_paths() -> list[Path]:
+    """The files podman, skopeo and buildah keep credentials in, in the order
+    containers-auth.json(5) reads them: ``$REGISTRY_AUTH_FILE`` (what ``--authfile``
+    sets) or else ``$XDG_RUNTIME_DIR/containers/auth.json``, then
+    ``$XDG_CONFIG_HOME/containers/auth.json`` (``~/.config`` by default)."""
+    primary = os.environ.get("REGISTRY_AUTH_FILE")
+    if not primary:
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/containers/{os.getuid()}"
+        primary = os.path.join(runtime, "containers", "auth.json")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
+    return [Path(primary), Path(config_home) / "containers" / "auth.json"]
+
+
+def credential_files() -> list[Path]:
+    """Every credentials file of the user's environment, in the order they are read:
+    containers' then docker's."""
+    return [*containers_auth_paths(), docker_config_path()]
 
 
 class SecretStore:
@@ -229,7 +276,7 @@ def registry_auths(obj: Any, origin: str) -> dict[str, dict[str, str]]:
         raise ValidationError(f"{origin}: no registry credentials (want an 'auths' map of registry to credentials)")
     out: dict[str, dict[str, str]] = {}
     for server, entry in obj.items():
-        key = _endpoint_key(str(server))
+        key = _auth_key(str(server))
         if not key or not isinstance(entry, dict):
             raise ValidationError(f"{origin}: registry {str(server)[:200]!r}: want an object with auth, or "
                                   "username and password")
@@ -292,26 +339,39 @@ def pull_secret_from_object(obj: Any, origin: str) -> tuple[str | None, dict[str
     return ref, registry_auths(doc, f"{origin}: Secret {ref}")
 
 
+def _read_config(path: Path) -> DockerConfig:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValidationError(f"credentials file {path} cannot be read: {e.strerror}") from None
+    return DockerConfig.parse(text, str(path))
+
+
 class Keychain:
-    """Finds credentials for an endpoint: pull secrets first, then docker's config."""
+    """Finds credentials for a repository: pull secrets first, then the user's files
+    (containers' auth.json files, then docker's config.json) unless
+    ``use_docker_config`` is False. Files are read once, when first needed; one that
+    does not exist holds nothing."""
 
     def __init__(self, configs: list[DockerConfig] | None = None, use_docker_config: bool = True) -> None:
         self._configs = list(configs or [])
-        self._use_docker = use_docker_config
-        self._docker: DockerConfig | None = None
+        self._use_files = use_docker_config
+        self._files: list[DockerConfig] | None = None
+        self._lock = threading.Lock()
 
-    def _docker_config(self) -> DockerConfig | None:
-        if not self._use_docker:
-            return None
-        if self._docker is None:
-            path = docker_config_path()
-            self._docker = DockerConfig.parse(path.read_text(), str(path)) if path.is_file() else DockerConfig()
-        return self._docker
+    def _file_configs(self) -> list[DockerConfig]:
+        if not self._use_files:
+            return []
+        with self._lock:
+            if self._files is None:
+                self._files = [_read_config(p) for p in credential_files() if p.is_file()]
+            return self._files
 
-    def resolve(self, endpoint: str) -> Credentials | None:
-        """The first source that has credentials for ``endpoint`` wins."""
-        for config in [*self._configs, self._docker_config()]:
-            if config is not None and (found := config.lookup(endpoint)):
+    def resolve(self, endpoint: str, repository: str | None = None) -> Credentials | None:
+        """The first source that has credentials for ``repository`` on ``endpoint``
+        wins; within a source, the most specific namespace."""
+        for config in [*self._configs, *self._file_configs()]:
+            if found := config.lookup(endpoint, repository):
                 return found
         return None
 

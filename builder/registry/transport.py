@@ -142,8 +142,7 @@ class RegistryTransport:
         self.base = self.policy.base_url(endpoint)
         self._local = threading.local()
         self._challenge: Challenge | None = None
-        self._creds: Credentials | None = None
-        self._creds_loaded = False
+        self._creds: dict[str | None, Credentials | None] = {}
         self._lock = threading.Lock()
 
     # -- sending -------------------------------------------------------------------
@@ -224,7 +223,7 @@ class RegistryTransport:
                 continue
             if resp.status_code == 401 and answered:
                 resp.close()
-                creds = self._credentials()
+                creds = self._credentials(repository)
                 who = f"user {creds.username!r}" if creds and creds.username else "the credentials"
                 raise AuthError(f"{self.endpoint}: {who} rejected for {repository or path} (401)", status=401)
             if resp.status_code >= 400:
@@ -258,12 +257,13 @@ class RegistryTransport:
 
     # -- auth ----------------------------------------------------------------------
 
-    def _credentials(self) -> Credentials | None:
+    def _credentials(self, repository: str | None) -> Credentials | None:
+        """The credentials for ``repository`` here: a namespace's own entry may differ
+        from the registry-wide one, so they are looked up (once) per repository."""
         with self._lock:
-            if not self._creds_loaded:
-                self._creds = self.keychain.resolve(self.endpoint)
-                self._creds_loaded = True
-            return self._creds
+            if repository not in self._creds:
+                self._creds[repository] = self.keychain.resolve(self.endpoint, repository)
+            return self._creds[repository]
 
     def scope(self, repository: str) -> str:
         """The token scope this client asks for: pull, or pull and push."""
@@ -278,7 +278,7 @@ class RegistryTransport:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            creds = self._credentials()
+            creds = self._credentials(repository)
             return creds.basic_header() if creds and creds.password else None
         if challenge.scheme == "bearer" and repository:
             token = self.tokens.get(self._token_key(challenge, self.scope(repository)))
@@ -294,10 +294,10 @@ class RegistryTransport:
             raise AuthError(f"{self.endpoint} requires authentication but sent no usable challenge", status=401)
         self._challenge = challenge
         if challenge.scheme == "basic":
-            creds = self._credentials()
+            creds = self._credentials(repository)
             if not creds or not creds.password:
-                raise AuthError(f"{self.endpoint} requires credentials: none found (docker config.json or "
-                                "--pull-secret)", status=401)
+                raise AuthError(f"{self.endpoint} requires credentials: none found (--pull-secret, --authfile, "
+                                "containers auth.json or docker config.json)", status=401)
             header = creds.basic_header()
             if sent == header:
                 raise AuthError(f"{self.endpoint}: credentials for user {creds.username!r} were rejected (401)",
@@ -308,15 +308,15 @@ class RegistryTransport:
         key = self._token_key(challenge, scope)
         if sent is not None and sent.startswith("Bearer "):
             self.tokens.drop(key)  # expired, revoked, or insufficient_scope: ask again
-        return f"Bearer {self._fetch_token(challenge, scope)}"
+        return f"Bearer {self._fetch_token(challenge, scope, repository)}"
 
-    def _fetch_token(self, challenge: Challenge, scope: str) -> str:
+    def _fetch_token(self, challenge: Challenge, scope: str, repository: str | None) -> str:
         """Ask the challenge's realm for a token for ``scope``."""
         realm = challenge.params.get("realm")
         if not realm or urlsplit(realm).scheme not in ("http", "https"):
             raise AuthError(f"{self.endpoint} sent a bearer challenge without a usable realm")
         service = challenge.params.get("service", "")
-        creds = self._credentials()
+        creds = self._credentials(repository)
         headers: dict[str, str] = {}
         if creds and creds.identity_token:
             body: str | None = urlencode({"grant_type": "refresh_token", "refresh_token": creds.identity_token,

@@ -50,5 +50,8 @@ def sleeps() -> SleepRecorder:
 
 @pytest.fixture(autouse=True)
 def _no_host_docker_config(tmp_path_factory, monkeypatch):
-    """Never read the developer's ~/.docker/config.json or credential helpers."""
+    """Never read the developer's credentials: docker's config.json, containers' auth.json files, helpers."""
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path_factory.mktemp("docker-config")))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)

@@ -76,7 +76,8 @@ def test_open_unlinked_replaces_a_planted_link(tmp_path: Path) -> None:
 # Where the home's layout could be spelled outside home.py: a path joined with a literal
 # (``x / "volumes"``), a glob or renamed path, or one of the layout's own names.
 LAYOUT_NAMES = (".imcv", ".partial", "caches.db", "settings.json", "meta/unpacked", "index.lock", "gc.lock")
-# Outside the home, or inside a part of it another module owns: docker's config.json and
+# Outside the home, or inside a part of it another module owns: docker's config.json, the
+# containers' auth.json files, and
 # the secret files under secrets/ (registry.auth), write_atomic's temporary files (store),
 # the temporary names of an archive exported where the user asks (export).
 ALLOWED = {
@@ -84,6 +85,8 @@ ALLOWED = {
     ("export.py", "out.with_name(f'.{out.name}.{os.getpid()}.partial')"),
     ("export.py", "'.partial' names .partial"),
     ("registry/auth.py", "Path(base) / 'config.json'"),
+    ("registry/auth.py", "Path(config_home) / 'containers' / 'auth.json'"),
+    ("registry/auth.py", "Path(config_home) / 'containers'"),
     ("registry/auth.py", "self.root / namespace / f'{name}.json'"),
     ("registry/auth.py", "path.with_suffix('.tmp')"),
     ("registry/auth.py", "self.root.glob('*/*.json')"),

@@ -383,3 +383,98 @@ def test_secret_store_invalid_names(tmp_path, bad):
 def test_secret_store_valid_long_names(tmp_path):
     store = SecretStore(tmp_path)
     assert store.split_name("a:" + "b" * 63) == ("a", "b" * 63)
+
+
+# -- containers-auth.json(5) ----------------------------------------------------------------
+
+
+def test_a_namespace_entry_applies_to_the_repositories_under_it_most_specific_first():
+    doc = json.dumps({"auths": {
+        "quay.io": {"auth": b64("host-wide:h")},
+        "quay.io/team": {"auth": b64("team:t")},
+        "quay.io/team/app": {"auth": b64("app:a")},
+        "host:5000/team/app": {"auth": b64("port-app:p")},
+        "https://quay.io/v1/": {"auth": b64("legacy-url:l")},  # the plain host key wins over the URL form
+    }})
+    config = DockerConfig.parse(doc, "auth.json")
+    assert config.lookup("quay.io", "team/app").username == "app"
+    assert config.lookup("quay.io", "team/app/sub").username == "app"
+    assert config.lookup("quay.io", "team/web").username == "team"
+    assert config.lookup("quay.io", "teamwork/web").username == "host-wide"  # a path segment, not a prefix
+    assert config.lookup("quay.io", "other").username == "host-wide"
+    assert config.lookup("quay.io").username == "host-wide"
+    assert config.lookup("host:5000", "team/app").username == "port-app"
+    assert config.lookup("host:5000", "team/other") is None
+    assert config.lookup("host", "team/app") is None  # the port is part of the registry
+
+
+def test_an_empty_namespace_entry_falls_back_to_the_next_key():
+    config = DockerConfig.parse(json.dumps({"auths": {"r.example/team": {}, "r.example": {"auth": b64("u:p")}}}),
+                                "c")
+    assert config.lookup("r.example", "team/app") == Credentials("u", "p")
+
+
+def write_auth(path, auths):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"auths": {k: {"auth": b64(v)} for k, v in auths.items()}}))
+    return path
+
+
+@pytest.fixture
+def user_files(tmp_path, monkeypatch):
+    """An environment with each credentials file in its own place, and none of the machine's."""
+    env = {"XDG_RUNTIME_DIR": tmp_path / "run", "XDG_CONFIG_HOME": tmp_path / "config",
+           "DOCKER_CONFIG": tmp_path / "docker"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    return {"runtime": tmp_path / "run/containers/auth.json", "config": tmp_path / "config/containers/auth.json",
+            "docker": tmp_path / "docker/config.json", "override": tmp_path / "elsewhere/auth.json"}
+
+
+def test_files_are_read_in_the_order_containers_auth_json_gives(user_files, monkeypatch):
+    write_auth(user_files["runtime"], {"a.example": "runtime:1"})
+    write_auth(user_files["config"], {"a.example": "config:2", "b.example": "config:2"})
+    write_auth(user_files["docker"], {"a.example": "docker:3", "b.example": "docker:3", "c.example": "docker:3"})
+    chain = Keychain()
+    assert [chain.resolve(h, "r").username for h in ("a.example", "b.example", "c.example")] == [
+        "runtime", "config", "docker"]
+    assert chain.resolve("d.example", "r") is None
+
+    # REGISTRY_AUTH_FILE (what --authfile sets) takes the runtime file's place
+    write_auth(user_files["override"], {"a.example": "override:0"})
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(user_files["override"]))
+    chain = Keychain()
+    assert chain.resolve("a.example", "r").username == "override"
+    assert chain.resolve("b.example", "r").username == "config"
+    assert Keychain(use_docker_config=False).resolve("a.example", "r") is None
+
+
+def test_a_file_earlier_in_the_order_wins_even_host_wide(user_files):
+    write_auth(user_files["runtime"], {"q.example": "host-wide:1"})
+    write_auth(user_files["config"], {"q.example/team": "team:2"})
+    assert Keychain().resolve("q.example", "team/app").username == "host-wide"
+
+
+def test_pull_secrets_come_before_the_user_files(user_files):
+    write_auth(user_files["runtime"], {"a.example": "runtime:1"})
+    secret = DockerConfig(auths={"a.example": {"username": "from-secret", "password": "s"}})
+    assert Keychain([secret]).resolve("a.example", "r").username == "from-secret"
+
+
+def test_a_malformed_auth_file_is_named_and_no_secret_is_shown(user_files):
+    user_files["runtime"].parent.mkdir(parents=True)
+    user_files["runtime"].write_text('{"auths": {"a.example": {"auth": "c2VjcmV0OnBhc3N3b3Jk"}, ')
+    with pytest.raises(ValidationError) as info:
+        Keychain().resolve("a.example", "r")
+    assert str(user_files["runtime"]) in info.value.message
+    assert "c2VjcmV0" not in info.value.message and "password" not in info.value.message
+
+
+def test_a_pull_secret_keeps_its_namespace_entries():
+    from builder.registry.auth import registry_auths
+
+    auths = registry_auths({"quay.io/team": {"auth": b64("team:t")}, "https://quay.io/v1/": {"auth": b64("h:h")}}, "s")
+    config = DockerConfig(auths=auths)
+    assert config.lookup("quay.io", "team/app").username == "team"
+    assert config.lookup("quay.io", "other/app").username == "h"
