@@ -12,7 +12,7 @@ import yaml
 from builder.cli.common import Context, make_keychain, pass_ctx, registry_options
 from builder.errors import ValidationError
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
-from builder.server.app import Server, parse_listen
+from builder.server.app import MAX_CONNECTIONS, Server, parse_listen
 from builder.server.discovery import kubeconfig as kubeconfig_document
 from builder.server.registry import pull_through_puller
 
@@ -36,10 +36,14 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.option("--api-token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="A file holding the bearer token the ImageCache API asks every client for (without it, "
                    "the API answers loopback clients only).")
+@click.option("--max-connections", type=click.IntRange(min=1), default=MAX_CONNECTIONS, show_default=True,
+              help="Connections served at once, watches included; past it a connection is answered 503 with "
+                   "Retry-After.")
 @registry_options
 @pass_ctx
 def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, upstreams: tuple[str, ...],
-          sweep_interval: float, api_token_file: Path | None, plain_http: tuple[str, ...], insecure: tuple[str, ...],
+          sweep_interval: float, api_token_file: Path | None, max_connections: int,
+          plain_http: tuple[str, ...], insecure: tuple[str, ...],
           ca_file: str | None, pull_secrets: tuple[str, ...]) -> None:
     """Serve pulls from the caches (read-only OCI registry) and the ImageCache API.
 
@@ -64,7 +68,8 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
         policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
         puller = pull_through_puller(ctx.store, policy, make_keychain(ctx, pull_secrets))
     token = read_token(api_token_file) if api_token_file else None
-    server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token)
+    server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token,
+                    max_connections=max_connections)
     # A server's log is the record of what it did on its own: expired caches it deleted.
     builder_log = logging.getLogger("builder")
     if builder_log.getEffectiveLevel() > logging.INFO:

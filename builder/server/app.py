@@ -12,10 +12,11 @@ import ipaddress
 import json
 import logging
 import os
+import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
@@ -35,6 +36,12 @@ from builder.server.registry import RegistryEndpoint, Reply, error
 log = logging.getLogger(__name__)
 
 SOCKET_TIMEOUT = 120.0
+MAX_CONNECTIONS = 256
+"""Connections served at once by default, watches included; each holds one thread."""
+RETRY_AFTER_SECONDS = 1
+REFUSED_DRAIN_SECONDS = 2.0
+REFUSED_PENDING = 1024
+"""Refused connections still being drained; past it, one is closed at once."""
 LINGER_BYTES = 64 << 20
 LINGER_SECONDS = 2.0
 
@@ -81,16 +88,120 @@ class _Chunked:
             close()
 
 
+class _Refuser:
+    """Closes refused connections without losing their 503, in one thread for all of them.
+
+    The answer is written at once (it fits any socket buffer); closing with the client's
+    request unread would reset the connection and could destroy the answer, so each
+    socket is read and dropped until the client closes or a short deadline passes.
+    """
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._deadlines: dict[socket.socket, float] = {}
+        self._thread: threading.Thread | None = None
+
+    def refuse(self, sock: socket.socket) -> None:
+        body = error(503, "UNAVAILABLE", "too many connections; retry later").body
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nServer: imc/{__version__}\r\n"
+                f"Retry-After: {RETRY_AFTER_SECONDS}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            sock.setblocking(False)
+            sock.send(head + body)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        with self._lock:
+            if len(self._deadlines) >= REFUSED_PENDING:
+                sock.close()
+                return
+            self._deadlines[sock] = time.monotonic() + REFUSED_DRAIN_SECONDS
+            self._selector.register(sock, selectors.EVENT_READ)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="imc-refuse", daemon=True)
+                self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._deadlines:
+                    self._thread = None
+                    return
+            for key, _ in self._selector.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    done = not sock.recv(1 << 16)
+                except BlockingIOError:
+                    done = False
+                except OSError:
+                    done = True
+                if done:
+                    self._close(sock)
+            now = time.monotonic()
+            with self._lock:
+                expired = [s for s, t in self._deadlines.items() if t <= now]
+            for sock in expired:
+                self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._deadlines.pop(sock, None) is None:
+                return
+            self._selector.unregister(sock)
+        sock.close()
+
+
 class _HTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` of them: past the cap a
+    connection is answered 503 with ``Retry-After`` and closed, and starts no thread."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], app: Server) -> None:
+    def __init__(self, address: tuple[str, int], app: Server, max_connections: int = MAX_CONNECTIONS) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.app = app
+        self.max_connections = max_connections
+        self.connections = 0
+        self._slots = threading.Condition()
+        self._refuser = _Refuser()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._slots:
+            admitted = self.connections < self.max_connections
+            if admitted:
+                self.connections += 1
+        if not admitted:
+            self._refuser.refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._slots:
+            self.connections -= 1
+            self._slots.notify_all()
+
+    def wait_connections(self, predicate: Callable[[int], bool], timeout: float) -> bool:
+        """Wait until the number of open connections satisfies ``predicate``."""
+        with self._slots:
+            return self._slots.wait_for(lambda: predicate(self.connections), timeout)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -245,14 +356,14 @@ class Server:
 
     def __init__(self, caches: Caches, listen: tuple[str, int], pull_through: Puller | None = None,
                  upstreams: Sequence[str] = (), sweep_interval: float = 3600.0, build_workers: int = 2,
-                 api_token: str | None = None) -> None:
+                 api_token: str | None = None, max_connections: int = MAX_CONNECTIONS) -> None:
         self.caches = caches
         self.metrics = Metrics()
         self.registry = RegistryEndpoint(caches, pull_through, upstreams)
         self.builds = BuildRunner(Builder(caches), workers=build_workers)
         self.api = ImageCacheAPI(caches, self.builds, token=api_token)
         self.sweep_interval = sweep_interval
-        self._httpd = _HTTPServer(listen, self)
+        self._httpd = _HTTPServer(listen, self, max_connections)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -260,6 +371,15 @@ class Server:
     def address(self) -> str:
         host, port = self._httpd.server_address[:2]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (each one a thread), watches included."""
+        return self._httpd.connections
+
+    def wait_connections(self, predicate: Callable[[int], bool], timeout: float = 30.0) -> bool:
+        """Wait until the number of open connections satisfies ``predicate`` (tests, shutdown)."""
+        return self._httpd.wait_connections(predicate, timeout)
 
     def start(self) -> Server:
         """Serve in background threads (tests, embedding); ``stop()`` ends it."""
