@@ -8,11 +8,15 @@ registry's upstream URL, the mirror's scheme and the TLS switches agree with how
 ``imc serve`` listens (plain HTTP, unless it sits behind a TLS proxy). Each snippet
 names the ``imc serve --upstream`` flags that pull through from the same registries:
 the mirror asks with ``?ns=<registry>``, and imc serve pulls only from those listed.
+containerd's files also carry what production needs: a private CA, a short dial timeout
+so a stopped imc serve is skipped quickly, pull-only mode, and the ``_default`` namespace.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 
 import click
 
@@ -47,23 +51,65 @@ def _registry(text: str) -> str:
     return DOCKER_HUB if endpoint in (DOCKER_HUB, "index.docker.io", DOCKER_HUB_API) else endpoint
 
 
-def containerd_hosts_toml(registry: str, server: str, insecure: bool = False) -> str:
-    """``/etc/containerd/certs.d/<registry>/hosts.toml``: imc serve first for pull and
-    resolve, the registry itself (``server``) for everything it does not hold."""
-    registry = _registry(registry)
+DEFAULT_NAMESPACE = "_default"  # containerd's hosts directory for every registry without its own
+DEFAULT_DIAL_TIMEOUT = "1s"
+CONFIG_DIR = "/etc/containerd/certs.d"
+_DURATION = re.compile(r"[1-9][0-9]*(ms|s|m)")
+
+
+@dataclass(frozen=True)
+class ContainerdOptions:
+    """What a containerd ``[host]`` table says beyond the mirror's address.
+
+    ``dial_timeout`` keeps a pull from hanging on a stopped imc serve before containerd
+    falls back to the registry; ``pull_only`` leaves tag resolution to the registry, so a
+    tag moved upstream is seen at once and imc serve answers the blobs alone.
+    """
+
+    ca_file: str | None = None
+    dial_timeout: str | None = DEFAULT_DIAL_TIMEOUT
+    pull_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ca_file is not None and not self.ca_file.startswith("/"):
+            raise ValidationError(f"--ca-file {self.ca_file!r}: give the absolute path on the node running containerd")
+        if self.dial_timeout is not None and not _DURATION.fullmatch(self.dial_timeout):
+            raise ValidationError(f"--dial-timeout {self.dial_timeout!r}: want a duration like 500ms, 1s or 1m")
+
+
+def containerd_hosts_toml(registry: str, server: str, insecure: bool = False,
+                          options: ContainerdOptions | None = None) -> str:
+    """``/etc/containerd/certs.d/<registry>/hosts.toml``: imc serve first, the registry
+    itself (``server``) for everything imc serve does not hold or when it is down.
+    ``_default`` is the namespace containerd uses for every registry without its own
+    directory: it has no ``server`` line, so containerd falls back to the image's own registry."""
+    options = options or ContainerdOptions()
     scheme, address = parse_server(server)
-    upstream = f"https://{DOCKER_HUB_API}" if registry == DOCKER_HUB else f"https://{registry}"
-    lines = [
-        f"# /etc/containerd/certs.d/{registry}/hosts.toml",
-        '# containerd reads it when its CRI config has config_path = "/etc/containerd/certs.d".',
-        f'server = "{upstream}"',
-        "",
-        f'[host."{scheme}://{address}"]',
-        '  capabilities = ["pull", "resolve"]',
-    ]
+    if options.ca_file is not None and (scheme != "https" or insecure):
+        raise ValidationError("--ca-file needs an https:// --server that is verified (not --insecure)")
+    lines = [f"# {CONFIG_DIR}/{registry}/hosts.toml"]
+    if registry != DEFAULT_NAMESPACE:
+        registry = _registry(registry)
+        lines[0] = f"# {CONFIG_DIR}/{registry}/hosts.toml"
+        upstream = f"https://{DOCKER_HUB_API}" if registry == DOCKER_HUB else f"https://{registry}"
+        lines += [f'server = "{upstream}"', ""]
+    capabilities = '["pull"]' if options.pull_only else '["pull", "resolve"]'
+    lines += [f'[host."{scheme}://{address}"]', f"  capabilities = {capabilities}"]
+    if options.ca_file is not None:
+        lines.append(f'  ca = "{options.ca_file}"')
     if scheme == "https" and insecure:
         lines.append("  skip_verify = true")
+    if options.dial_timeout is not None:
+        lines.append(f'  dial_timeout = "{options.dial_timeout}"  # containerd 2.1 and later; 1.6, 1.7 and 2.0 ignore it')
     return "\n".join(lines) + "\n"
+
+
+CONTAINERD_CONFIG = f"""\
+# containerd reads these files when its config names their directory:
+#   containerd 1.6/1.7 (config version 2): [plugins."io.containerd.grpc.v1.cri".registry] config_path = "{CONFIG_DIR}"
+#   containerd 2.x (config version 3): [plugins."io.containerd.cri.v1.images".registry] config_path = "{CONFIG_DIR}"
+#   ctr: ctr images pull --hosts-dir {CONFIG_DIR} IMAGE
+"""
 
 
 def docker_daemon_json(registry: str, server: str, insecure: bool = False) -> str:
@@ -105,8 +151,12 @@ def upstream_flags(registries: list[str]) -> str:
     return " ".join(f"--upstream {_registry(r)}" for r in registries)
 
 
-def mirror_configs(runtime: str, registries: list[str], server: str, insecure: bool = False) -> str:
+def mirror_configs(runtime: str, registries: list[str], server: str, insecure: bool = False,
+                   options: ContainerdOptions | None = None, every_registry: bool = False) -> str:
     """The snippets for every registry, in one text (Docker's in one daemon.json)."""
+    if runtime != "containerd" and (options is not None or every_registry):
+        raise ValidationError("--ca-file, --dial-timeout, --pull-only and --every-registry are containerd's: "
+                              "use them with --containerd")
     if runtime == "docker":
         if len({_registry(r) for r in registries}) != 1:
             raise ValidationError("Docker's registry-mirrors apply only to Docker Hub: use --containerd or --podman "
@@ -116,12 +166,16 @@ def mirror_configs(runtime: str, registries: list[str], server: str, insecure: b
         parts = [podman_registries_conf(r, server, insecure) for r in registries]
         text = parts[0] + "".join("\n" + p.split("\n", 1)[1] for p in parts[1:])  # one file: one header
     else:
-        text = "\n".join(containerd_hosts_toml(r, server, insecure) for r in registries)
-    return text + f"\n# pull-through from the same registries: imc serve --pull-through {upstream_flags(registries)}\n"
+        namespaces = registries + [DEFAULT_NAMESPACE] if every_registry else registries
+        text = "\n".join(containerd_hosts_toml(r, server, insecure, options) for r in namespaces) + "\n" + CONTAINERD_CONFIG
+    if not registries:
+        return text + "# pull-through: imc serve --pull-through --upstream REGISTRY for each registry it may fetch from\n"
+    separator = "" if runtime == "containerd" else "\n"
+    return text + f"{separator}# pull-through from the same registries: imc serve --pull-through {upstream_flags(registries)}\n"
 
 
 @click.command("mirror-config")
-@click.option("--containerd", "runtime", flag_value="containerd", help="Print a containerd hosts.toml.")
+@click.option("--containerd", "runtime", flag_value="containerd", help="Print containerd hosts.toml files.")
 @click.option("--docker", "runtime", flag_value="docker", help="Print daemon.json keys (Docker Hub only).")
 @click.option("--podman", "runtime", flag_value="podman", help="Print a registries.conf snippet.")
 @click.option("--registry", "registries", multiple=True, metavar="HOST",
@@ -130,11 +184,27 @@ def mirror_configs(runtime: str, registries: list[str], server: str, insecure: b
 @click.option("--server", default=DEFAULT_SERVER, show_default=True, metavar="ADDR",
               help="Where imc serve listens: host:port (plain HTTP) or https://host:port.")
 @click.option("--insecure", is_flag=True, help="With an https:// --server: do not verify its certificate.")
-def mirror_config(runtime: str | None, registries: tuple[str, ...], server: str, insecure: bool) -> None:
+@click.option("--ca-file", metavar="PATH",
+              help="containerd: the CA certificate (path on the node) that signed an https:// --server's certificate.")
+@click.option("--dial-timeout", metavar="DURATION",
+              help=f"containerd 2.1+: give up connecting to imc serve after this long and ask the registry "
+                   f"[default: {DEFAULT_DIAL_TIMEOUT}; 0 leaves it out].")
+@click.option("--pull-only", is_flag=True,
+              help="containerd: imc serve answers manifests by digest and blobs; tags are resolved by the registry.")
+@click.option("--every-registry", is_flag=True,
+              help=f"containerd: also print {CONFIG_DIR}/{DEFAULT_NAMESPACE}/hosts.toml, which sends every "
+                   "registry without its own file through imc serve.")
+def mirror_config(runtime: str | None, registries: tuple[str, ...], server: str, insecure: bool, ca_file: str | None,
+                  dial_timeout: str | None, pull_only: bool, every_registry: bool) -> None:
     """Print the runtime configuration that sends pulls to imc serve first.
 
     What imc serve does not hold, the runtime fetches from the registry as before.
     """
     if runtime is None:
         raise click.UsageError("choose one of --containerd, --docker or --podman")
-    click.echo(mirror_configs(runtime, list(registries) or [DOCKER_HUB], server, insecure), nl=False)
+    options = None
+    if ca_file is not None or dial_timeout is not None or pull_only:
+        timeout = DEFAULT_DIAL_TIMEOUT if dial_timeout is None else None if dial_timeout == "0" else dial_timeout
+        options = ContainerdOptions(ca_file=ca_file, dial_timeout=timeout, pull_only=pull_only)
+    chosen = list(registries) or ([] if every_registry else [DOCKER_HUB])
+    click.echo(mirror_configs(runtime, chosen, server, insecure, options, every_registry), nl=False)

@@ -39,7 +39,7 @@ def test_containerd_hosts_toml_points_the_registry_at_imc_serve(tmp_path: Path) 
     assert code == 0
     doc = tomllib.loads(out)
     assert doc["server"] == "https://quay.io"
-    assert doc["host"] == {"http://127.0.0.1:5050": {"capabilities": ["pull", "resolve"]}}  # no skip_verify
+    assert doc["host"] == {"http://127.0.0.1:5050": {"capabilities": ["pull", "resolve"], "dial_timeout": "1s"}}
     assert out.startswith("# /etc/containerd/certs.d/quay.io/hosts.toml")
 
 
@@ -53,6 +53,37 @@ def test_containerd_for_docker_hub_and_an_https_mirror(tmp_path: Path) -> None:
     assert tomllib.loads(out)["host"]["https://10.0.0.5:443"]["skip_verify"] is True
     _, out = run(tmp_path, "mirror-config", "--containerd", "--server", "https://10.0.0.5:443")
     assert "skip_verify" not in tomllib.loads(out)["host"]["https://10.0.0.5:443"]
+
+
+def test_containerd_private_ca_pull_only_dial_timeout_and_every_registry(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "mirror-config", "--containerd", "--registry", "quay.io", "--server",
+                    "https://imc.local:5443", "--ca-file", "/etc/imc/ca.pem", "--pull-only", "--dial-timeout", "300ms",
+                    "--every-registry")
+    assert code == 0
+    quay, default = re.split(r"\n(?=# /etc/containerd/certs.d/)", out)
+    assert tomllib.loads(quay) == {"server": "https://quay.io", "host": {"https://imc.local:5443": {
+        "capabilities": ["pull"], "ca": "/etc/imc/ca.pem", "dial_timeout": "300ms"}}}
+    assert default.startswith("# /etc/containerd/certs.d/_default/hosts.toml\n")
+    assert "server" not in tomllib.loads(default)  # the image's own registry is the fallback
+    assert '[plugins."io.containerd.grpc.v1.cri".registry] config_path = "/etc/containerd/certs.d"' in out
+    assert '[plugins."io.containerd.cri.v1.images".registry] config_path = "/etc/containerd/certs.d"' in out
+    assert out.endswith("imc serve --pull-through --upstream quay.io\n")
+    _, out = run(tmp_path, "mirror-config", "--containerd", "--every-registry", "--dial-timeout", "0")
+    assert out.startswith("# /etc/containerd/certs.d/_default/hosts.toml\n") and "dial_timeout" not in out
+    assert "--upstream REGISTRY for each registry" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--containerd", "--ca-file", "/etc/ca.pem"], "--ca-file needs an https:// --server"),
+    (["--containerd", "--server", "https://imc:443", "--insecure", "--ca-file", "/ca.pem"], "--ca-file needs"),
+    (["--containerd", "--server", "https://imc:443", "--ca-file", "ca.pem"], "absolute path"),
+    (["--containerd", "--dial-timeout", "soon"], "--dial-timeout 'soon'"),
+    (["--podman", "--pull-only"], "use them with --containerd"),
+])
+def test_containerd_options_refuse_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path), "mirror-config", *args])
+    assert result.exit_code != 0 and message in str(result.exception or result.output)
+    assert result.output == ""
 
 
 def test_docker_daemon_json(tmp_path: Path) -> None:
