@@ -125,3 +125,16 @@ def test_ctr_pulls_through_imc_serve_with_the_generated_hosts_toml(tmp_path: Pat
         assert [r.split()[0] for r in reached] == ["HEAD"] * len(reached) and reached, reached  # tags resolved upstream
     else:
         assert reached == [], reached
+
+
+def test_ctr_falls_back_to_the_registry_when_imc_serve_is_down(tmp_path: Path, containerd: Containerd,
+                                                               upstream: CutProxy, server: Server,
+                                                               catalogue: dict[str, Any]) -> None:
+    certs = hosts_dir(tmp_path, upstream.host, "--server", server.address)
+    server.stop()
+    before = len(upstream.requests)
+    pulled = containerd.ctr("images", "pull", "--hosts-dir", str(certs), f"{upstream.host}/{REF}")
+    assert pulled.returncode == 0, pulled.stderr
+    layers = catalogue["images"][REF]["manifests"][0]["layers"]
+    fetched = [r.split()[1] for r in upstream.requests[before:] if r.startswith("GET ") and "/blobs/" in r.split()[1]]
+    assert {b["digest"] for b in layers} <= {path.rsplit("/", 1)[1] for path in fetched}
