@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from builder.build import Builder
 from builder.caches import BuildLease, Caches
 from builder.cli import cache_cmds
 from builder.cli import main as cli_main
+from builder.cli.progress import PullLines
 from builder.digest import Digest
 from builder.errors import (
     AlreadyExistsError,
@@ -468,13 +471,17 @@ def test_a_blob_lost_part_way_fails_the_build_with_the_reason_and_wait_exits_12(
     home = tmp_path / "home"
     layer = Digest.parse(blobs_of(catalogue, "fixtures/app:1.0")[-1]["digest"])
 
-    class LosingProgress(cache_cmds.PullProgress):
+    class LosingProgress(PullLines):
         def cache_event(self, event: Any) -> None:
             super().cache_event(event)
             if event.reason == "ImagesPulled":  # every blob is local now: one goes missing
                 Store(home).blob_path(layer).unlink()
 
-    monkeypatch.setattr(cache_cmds, "PullProgress", LosingProgress)
+    @contextlib.contextmanager
+    def losing_progress(quiet: bool) -> Iterator[PullLines]:
+        yield LosingProgress(sys.stderr)
+
+    monkeypatch.setattr(cache_cmds, "pull_progress", losing_progress)
     monkeypatch.setattr(sys, "argv", ["imc", "--home", str(home), "cache", "create", "lost", "--wait", "--image",
                                       f"{plain_registry.host}/fixtures/app:1.0", "--plain-http", plain_registry.host])
     with pytest.raises(SystemExit) as exited:
