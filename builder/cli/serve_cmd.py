@@ -12,6 +12,7 @@ import yaml
 from builder.cli.common import Context, make_keychain, pass_ctx, registry_options
 from builder.errors import ValidationError
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
+from builder.server.accesslog import JsonFormatter, TextFormatter
 from builder.server.app import MAX_CONNECTIONS, Server, parse_listen
 from builder.server.discovery import kubeconfig as kubeconfig_document
 from builder.server.registry import pull_through_puller
@@ -39,11 +40,15 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.option("--max-connections", type=click.IntRange(min=1), default=MAX_CONNECTIONS, show_default=True,
               help="Connections served at once, watches included; past it a connection is answered 503 with "
                    "Retry-After.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="Least severity logged; info logs each request (the access log).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Log lines as text, or as one JSON object each.")
 @registry_options
 @pass_ctx
 def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, upstreams: tuple[str, ...],
           sweep_interval: float, api_token_file: Path | None, max_connections: int,
-          plain_http: tuple[str, ...], insecure: tuple[str, ...],
+          log_level: str, log_format: str, plain_http: tuple[str, ...], insecure: tuple[str, ...],
           ca_file: str | None, pull_secrets: tuple[str, ...]) -> None:
     """Serve pulls from the caches (read-only OCI registry) and the ImageCache API.
 
@@ -70,17 +75,30 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
     token = read_token(api_token_file) if api_token_file else None
     server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token,
                     max_connections=max_connections)
-    # A server's log is the record of what it did on its own: expired caches it deleted.
-    builder_log = logging.getLogger("builder")
-    if builder_log.getEffectiveLevel() > logging.INFO:
-        builder_log.setLevel(logging.INFO)
+    configure_log(log_level, log_format)
     signal.signal(signal.SIGTERM, _interrupt)
-    click.echo(f"serving on http://{server.address}  (registry: /v2/, API: /apis/eci.alibabacloud.com/v1/imagecaches)",
-               err=True)
+    base = f"http://{server.address}"
+    click.echo(f"serving on {base}\n  registry: {base}/v2/\n  API:      {base}/apis/eci.alibabacloud.com/v1/imagecaches"
+               f"\n  metrics:  {base}/metrics\n  log:      stderr, {log_format}, level {log_level} "
+               f"(each request at info)", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
+
+
+def configure_log(level: str, log_format: str) -> None:
+    """A server's log is the record of what it did: each request (the access log, at
+    info), and what it did on its own (expired caches it deleted). Lines go to stderr."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+    wanted = logging.getLevelName(level.upper())
+    # -v asks for everything; it stays in force under the default level.
+    logging.getLogger("builder").setLevel(logging.DEBUG if root.level == logging.DEBUG else wanted)
 
 
 def read_token(path: Path) -> str:

@@ -29,6 +29,7 @@ from builder.build import Builder
 from builder.caches import Caches
 from builder.errors import ImcError, ValidationError
 from builder.pull import Puller
+from builder.server import accesslog
 from builder.server.api import MAX_BODY_BYTES, BuildRunner, ImageCacheAPI
 from builder.server.metrics import Metrics
 from builder.server.registry import RegistryEndpoint, Reply, error
@@ -180,6 +181,7 @@ class _HTTPServer(ThreadingHTTPServer):
                 self.connections += 1
         if not admitted:
             self._refuser.refuse(request)
+            accesslog.record(client_address[0], "-", "-", 503, 0, 0.0)
             return
         try:
             super().process_request(request, client_address)
@@ -235,6 +237,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+        accesslog.record(self.client_address[0], self.command or "-", getattr(self, "path", "") or "-", code,
+                         0 if self.command == "HEAD" else len(body), 0.0)
 
     def _linger(self) -> None:
         """Close after answering a request whose body was not read, without losing the answer.
@@ -260,6 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self._unread_body = False
+        self._sent = 0
         app = self.server.app
         started = time.monotonic()
         parts = urlsplit(self.path)
@@ -281,6 +286,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply)
         if self._unread_body:
             self._linger()
+        accesslog.record(self.client_address[0], self.command, self.path, reply.status, self._sent,
+                         time.monotonic() - started)
         if reply.outcome is not None:
             app.metrics.record(reply.outcome)
         if parts.path.startswith("/v2/"):
@@ -339,12 +346,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if reply.extent is not None and source is not None:
                 _, offset, count = reply.extent
-                self.connection.sendfile(source, offset, count)
+                self._sent = self.connection.sendfile(source, offset, count)
             elif reply.stream is not None:
                 for chunk in reply.stream:
                     self.wfile.write(chunk)
+                    self._sent += len(chunk)
             elif reply.body:
                 self.wfile.write(reply.body)
+                self._sent = len(reply.body)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True  # the client went away mid-body
 

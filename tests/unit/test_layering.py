@@ -20,7 +20,7 @@ LAYERS = [
     "registry.blobs", "registry.manifests", "registry.uploads", "registry.client",
     "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "records", "caches", "build",
     "artifact", "matcher",
-    "server.registry", "server.metrics", "server.patch", "server.discovery", "server.api", "server.app",
+    "server.accesslog", "server.registry", "server.metrics", "server.patch", "server.discovery", "server.api", "server.app",
     "cli",
 ]
 
