@@ -37,7 +37,8 @@ def _image_bytes(catalogue: dict[str, Any], ref: str) -> int:
 @contextlib.contextmanager
 def imc_serve(home: Path) -> Iterator[str]:
     """``imc serve`` in its own process on a free loopback port; yields host:port."""
-    proc = subprocess.Popen([*IMC, "--home", str(home), "serve", "--listen", "127.0.0.1:0", "--sweep-interval", "0"],
+    proc = subprocess.Popen([*IMC, "--home", str(home), "serve", "--listen", "127.0.0.1:0", "--sweep-interval", "0",
+                             "--log-level", "warning"],
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     try:

@@ -75,7 +75,8 @@ def serving(tmp_path: Path, *serve_args: str, kubeconfig_args: tuple[str, ...] =
     if KUBECTL is None:
         pytest.fail("kubectl is not installed: make install installs it (registry-fixtures/install-kubectl.sh)")
     home = tmp_path / "imc-home"
-    proc = subprocess.Popen([*IMC, "serve", "--listen", "127.0.0.1:0", "--sweep-interval", "0", *serve_args],
+    proc = subprocess.Popen([*IMC, "serve", "--listen", "127.0.0.1:0", "--sweep-interval", "0", "--log-level", "warning",
+                             *serve_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=imc_env(home))
     try:
         assert proc.stderr is not None
