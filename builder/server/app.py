@@ -182,6 +182,7 @@ class _HTTPServer(ThreadingHTTPServer):
         if not admitted:
             self._refuser.refuse(request)
             accesslog.record(client_address[0], "-", "-", 503, 0, 0.0)
+            self.app.metrics.answered(503)
             return
         try:
             super().process_request(request, client_address)
@@ -239,6 +240,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         accesslog.record(self.client_address[0], self.command or "-", getattr(self, "path", "") or "-", code,
                          0 if self.command == "HEAD" else len(body), 0.0)
+        self.server.app.metrics.answered(code)
 
     def _linger(self) -> None:
         """Close after answering a request whose body was not read, without losing the answer.
@@ -272,7 +274,8 @@ class _Handler(BaseHTTPRequestHandler):
             if ImageCacheAPI.owns(parts.path):
                 reply = self._api(app)
             elif parts.path == "/metrics" and self.command == "GET":
-                reply = Reply(200, {"Content-Type": Metrics.CONTENT_TYPE}, app.metrics.render().encode())
+                exposition, content_type = app.metrics.render(self._headers().get("Accept", ""))
+                reply = Reply(200, {"Content-Type": content_type}, exposition)
             elif parts.path.startswith("/v2"):
                 reply = app.registry.handle(self.command, parts.path, dict(parse_qsl(parts.query)), self._headers())
             else:
@@ -288,6 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._linger()
         accesslog.record(self.client_address[0], self.command, self.path, reply.status, self._sent,
                          time.monotonic() - started)
+        app.metrics.answered(reply.status)
         if reply.outcome is not None:
             app.metrics.record(reply.outcome)
         if parts.path.startswith("/v2/"):

@@ -1,6 +1,8 @@
-"""Prometheus metrics for ``imc serve``, in the text exposition format.
+"""Prometheus metrics for ``imc serve``, kept and exposed by ``prometheus_client``.
 
-Kept in memory under one lock, rendered on ``GET /metrics``:
+One ``CollectorRegistry`` per server (a process may run several, as tests do), rendered
+on ``GET /metrics`` in the text format, or in OpenMetrics when the scraper asks for it
+(``Accept: application/openmetrics-text``):
 
 - ``imc_served_total{cache,kind}`` / ``imc_served_bytes_total{kind}``: manifests and
   blobs served (``cache=""``: a blob or the store's own image);
@@ -10,102 +12,75 @@ Kept in memory under one lock, rendered on ``GET /metrics``:
   fetched upstream with pull-through (a miss belongs to no cache);
 - ``imc_upstream_bytes_total``: bytes pull-through fetched from upstream registries;
 - ``imc_request_duration_seconds{kind}``: a histogram of registry requests, from the
-  request head to the last byte of the answer, so a slow transfer shows too.
+  request head to the last byte of the answer, so a slow transfer shows too;
+- ``imc_http_requests_total{code}``: every answered request, by status code;
+- ``imc_build_info{version}`` and the ``process_*`` metrics of the serving process.
 
-Labels are cache names (DNS-1123 labels, validated by the API) and fixed kinds, so they
-need no escaping beyond the format's.
+Labels are cache names (DNS-1123 labels, validated by the API), fixed kinds and status
+codes, so the number of series stays bounded.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+from prometheus_client.exposition import choose_encoder
 
+from builder import __version__
 from builder.server.registry import Outcome
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds: from a manifest answered from memory to a large layer over a slow link."""
 
-
-class _Histogram:
-    """Cumulative bucket counts, sum and count for one label set."""
-
-    def __init__(self) -> None:
-        self.buckets = [0] * len(DURATION_BUCKETS)
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if value <= bound:
-                self.buckets[i] += 1
-        self.total += value
-        self.count += 1
+# A ``_created`` series per counter doubles the output and no dashboard of ours reads it.
+prometheus_client.disable_created_metrics()
 
 
 class Metrics:
-    """Counters and a histogram that the registry endpoint and the HTTP layer update
-    and ``/metrics`` renders."""
-
-    CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+    """The counters and histogram that the registry endpoint and the HTTP layer update
+    and ``/metrics`` renders, in a registry of their own."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._served: dict[tuple[str, str], int] = defaultdict(int)
-        self._served_bytes: dict[str, int] = defaultdict(int)
-        self._hits: dict[tuple[str, str], int] = defaultdict(int)
-        self._misses: dict[str, int] = defaultdict(int)
-        self._upstream = 0
-        self._durations: dict[str, _Histogram] = defaultdict(_Histogram)
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._served = Counter("imc_served", "Manifests and blobs served, by cache and kind.",
+                               ["cache", "kind"], registry=r)
+        self._served_bytes = Counter("imc_served_bytes", "Bytes of manifests and blobs served, by kind.",
+                                     ["kind"], registry=r)
+        self._hits = Counter("imc_cache_hits", "Requests answered from local content, by the cache that answered "
+                             "(empty: the store's images) and kind.", ["cache", "kind"], registry=r)
+        self._misses = Counter("imc_cache_misses", "Requests for content that was not local (404 or pull-through), "
+                               "by kind.", ["kind"], registry=r)
+        self._upstream = Counter("imc_upstream_bytes", "Bytes fetched from upstream registries by pull-through.",
+                                 registry=r)
+        self._durations = Histogram("imc_request_duration_seconds", "Registry requests, from the request to the "
+                                    "last byte of the answer, by kind.", ["kind"], buckets=DURATION_BUCKETS,
+                                    registry=r)
+        self._requests = Counter("imc_http_requests", "Requests answered, by status code.", ["code"], registry=r)
+        Info("imc_build", "The version of imc serving.", registry=r).info({"version": __version__})
+        ProcessCollector(registry=r)
 
     def record(self, outcome: Outcome) -> None:
         """Count what answering one registry request did: served, hit or miss, fetched upstream."""
-        with self._lock:
-            if outcome.served is not None:
-                self._served[(outcome.served_cache or "", outcome.kind)] += 1
-                self._served_bytes[outcome.kind] += outcome.served
-            if outcome.hit:
-                self._hits[(outcome.cache or "", outcome.kind)] += 1
-            elif outcome.hit is False:
-                self._misses[outcome.kind] += 1
-            self._upstream += outcome.upstream_bytes
+        if outcome.served is not None:
+            self._served.labels(outcome.served_cache or "", outcome.kind).inc()
+            self._served_bytes.labels(outcome.kind).inc(outcome.served)
+        if outcome.hit:
+            self._hits.labels(outcome.cache or "", outcome.kind).inc()
+        elif outcome.hit is False:
+            self._misses.labels(outcome.kind).inc()
+        if outcome.upstream_bytes:
+            self._upstream.inc(outcome.upstream_bytes)
 
     def observe(self, kind: str, seconds: float) -> None:
         """How long one registry request took, to the last byte of its answer."""
-        with self._lock:
-            self._durations[kind].observe(seconds)
+        self._durations.labels(kind).observe(seconds)
 
-    def render(self) -> str:
-        """The exposition text: HELP and TYPE lines, then one line per series."""
-        with self._lock:
-            lines = ["# HELP imc_served_total Manifests and blobs served, by cache and kind.",
-                     "# TYPE imc_served_total counter"]
-            for (cache, kind), n in sorted(self._served.items()):
-                lines.append(f'imc_served_total{{cache="{cache}",kind="{kind}"}} {n}')
-            lines += ["# HELP imc_served_bytes_total Bytes of manifests and blobs served, by kind.",
-                      "# TYPE imc_served_bytes_total counter"]
-            for kind, n in sorted(self._served_bytes.items()):
-                lines.append(f'imc_served_bytes_total{{kind="{kind}"}} {n}')
-            lines += [("# HELP imc_cache_hits_total Requests answered from local content, by the cache that "
-                      "answered (empty: the store's images) and kind."),
-                      "# TYPE imc_cache_hits_total counter"]
-            for (cache, kind), n in sorted(self._hits.items()):
-                lines.append(f'imc_cache_hits_total{{cache="{cache}",kind="{kind}"}} {n}')
-            lines += [("# HELP imc_cache_misses_total Requests for content that was not local (404 or pull-through), "
-                      "by kind."),
-                      "# TYPE imc_cache_misses_total counter"]
-            for kind, n in sorted(self._misses.items()):
-                lines.append(f'imc_cache_misses_total{{kind="{kind}"}} {n}')
-            lines += ["# HELP imc_upstream_bytes_total Bytes fetched from upstream registries by pull-through.",
-                      "# TYPE imc_upstream_bytes_total counter",
-                      f"imc_upstream_bytes_total {self._upstream}"]
-            lines += [("# HELP imc_request_duration_seconds Registry requests, from the request to the last byte "
-                      "of the answer, by kind."),
-                      "# TYPE imc_request_duration_seconds histogram"]
-            for kind, h in sorted(self._durations.items()):
-                for bound, n in zip(DURATION_BUCKETS, h.buckets, strict=True):
-                    lines.append(f'imc_request_duration_seconds_bucket{{kind="{kind}",le="{bound}"}} {n}')
-                lines.append(f'imc_request_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {h.count}')
-                lines.append(f'imc_request_duration_seconds_sum{{kind="{kind}"}} {h.total:.6f}')
-                lines.append(f'imc_request_duration_seconds_count{{kind="{kind}"}} {h.count}')
-        return "\n".join(lines) + "\n"
+    def answered(self, status: int) -> None:
+        """One request answered with ``status``."""
+        self._requests.labels(str(status)).inc()
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition in the format ``accept`` asks for, and its content type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

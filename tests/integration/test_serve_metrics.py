@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
 
+from builder import __version__
 from builder.build import Builder
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
@@ -112,3 +115,52 @@ def test_pull_through_counts_misses_and_upstream_bytes(tmp_path: Path, plain_reg
         assert m["imc_upstream_bytes_total"] >= blobs
     finally:
         server.stop()
+
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_exposition_parses_with_prometheus_client_one_registry_per_server(server: Server, caches: Caches) -> None:
+    other = Server(caches, ("127.0.0.1", 0), sweep_interval=0).start()
+    try:
+        client = Client(server)
+        assert client.get("/v2/fixtures/app/manifests/1.0")[0] == 200
+        assert client.get("/v2/fixtures/app/manifests/9.9")[0] == 404
+        assert client.get("/v2/fixtures/app/manifests/-bad-")[0] == 400
+        status, body = client.get("/metrics")
+        assert status == 200
+        f = families(body.decode())
+        hits = {(s.labels["cache"], s.labels["kind"]): s.value for s in f["imc_cache_hits"].samples
+                if s.name == "imc_cache_hits_total"}
+        assert hits == {("web", "manifest"): 1}
+        codes = {s.labels["code"]: s.value for s in f["imc_http_requests"].samples}
+        assert codes == {"200": 1, "404": 1, "400": 1}  # /metrics itself is counted after it is answered
+        [info] = f["imc_build_info"].samples  # the text format has no info type: a gauge of 1
+        assert (info.name, info.labels, info.value) == ("imc_build_info", {"version": __version__}, 1)
+        assert any(s.value > 0 for s in f["process_resident_memory_bytes"].samples)
+        assert f["imc_request_duration_seconds"].type == "histogram"
+
+        # The other server counted nothing of this: its own registry.
+        status, body = Client(other).get("/metrics")
+        f = families(body.decode())
+        assert not [s for s in f["imc_cache_hits"].samples if s.name == "imc_cache_hits_total"]
+        assert not f["imc_http_requests"].samples
+    finally:
+        other.stop()
+
+
+def test_openmetrics_by_content_negotiation(server: Server) -> None:
+    host, port = server.address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    assert resp.getheader("Content-Type").startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n")
+    f = {m.name: m for m in openmetrics_families(body)}
+    assert f["imc_served"].type == "counter" and f["imc_build"].type == "info"
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    assert resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    assert "# EOF" not in resp.read().decode()
