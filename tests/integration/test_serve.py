@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from support.cutproxy import CutProxy
 
 from builder import build as build_module
@@ -212,8 +213,8 @@ def test_a_blob_pulled_through_on_its_own_is_served_locally_and_kept_while_used(
 
     def misses() -> int:
         text = requests.get(f"http://{server.address}/metrics", timeout=10).text
-        return sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("imc_cache_misses_total{"))
+        return sum(int(s.value) for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "imc_cache_misses_total")
 
     try:
         get_layer()
@@ -291,8 +292,10 @@ def test_metrics_count_what_was_served(served: Any, catalogue: dict[str, Any]) -
     for _ in range(3):
         requests.get(f"http://{server.address}/v2/fixtures/app/blobs/{layer['digest']}", timeout=10)
     text = requests.get(f"http://{server.address}/metrics", timeout=10).text
-    assert 'imc_served_total{cache="",kind="blob"} 3' in text
-    assert f'imc_served_bytes_total{{kind="blob"}} {3 * layer["size"]}' in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("imc_served_total", (("cache", ""), ("kind", "blob")))] == 3
+    assert samples[("imc_served_bytes_total", (("kind", "blob"),))] == 3 * layer["size"]
 
 
 def test_serve_refuses_a_non_loopback_address_unless_allowed(tmp_path: Path) -> None:

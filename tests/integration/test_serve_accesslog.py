@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.imccli import IMC, imc_env
 
 from builder.server.accesslog import redact_target
-from tests.support.imccli import IMC, imc_env
 
 SECRET = "s3cr3t-Value-0123456789"
 
