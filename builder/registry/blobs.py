@@ -51,9 +51,17 @@ def _stream(transport: RegistryTransport, repository: str, digest: Digest, size:
     if sink.offset >= size:
         return  # already complete (an earlier run stopped before commit): a Range would get 416
     headers = {"Range": f"bytes={sink.offset}-"} if sink.offset else {}
-    resp = transport.send("GET", f"/v2/{repository}/blobs/{digest}", repository, headers, stream=True,
-                          timeout=timeout)
     endpoint = transport.endpoint
+    try:
+        resp = transport.send("GET", f"/v2/{repository}/blobs/{digest}", repository, headers, stream=True,
+                              timeout=timeout)
+    except TransportError as e:
+        if type(e) is not TransportError or not sink.offset:
+            raise
+        # A resumed download whose answer never came: say which blob stalled, and where,
+        # whichever attempt happens to be the last one before the stall limit.
+        raise TransportError(f"{endpoint}: connection lost during blob {digest.short} at {sink.offset} of "
+                             f"{size} bytes ({e.message})", temporary=e.temporary) from None
     with resp:
         if sink.offset and resp.status_code != 206:
             if on_bytes:
