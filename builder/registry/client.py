@@ -42,6 +42,11 @@ class Registry:
     def get_manifest(self, repository: str, identifier: str, expected: Digest | None = None) -> FetchedManifest:
         return manifests.get(self.transport, repository, identifier, expected)
 
+    def current_digest(self, repository: str, tag: str) -> Digest:
+        """The digest a tag points at now (HEAD, or GET and hashing when the registry
+        does not say)."""
+        return manifests.current_digest(self.transport, repository, tag)
+
     def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
         return manifests.put(self.transport, repository, reference, raw, media_type)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import requests
 
 from builder.digest import Digest, verify_bytes
-from builder.errors import DigestMismatchError, RegistryError, TransportError, UnsupportedError
+from builder.errors import BadReferenceError, DigestMismatchError, RegistryError, TransportError, UnsupportedError
 from builder.oci import ACCEPT, MAX_MANIFEST_SIZE
 from builder.registry.transport import READ_ERRORS, RegistryTransport
 
@@ -58,6 +58,27 @@ def get(transport: RegistryTransport, repository: str, identifier: str,
         verify_bytes(raw, expected, f"{what}:")
     digest = expected or Digest.of(raw)
     return FetchedManifest(raw, digest, media_type)
+
+
+def current_digest(transport: RegistryTransport, repository: str, identifier: str) -> Digest:
+    """The digest ``identifier`` (a tag) points at now, without reading the manifest:
+    a HEAD's ``Docker-Content-Digest``. A registry that sends none (or one that does not
+    parse) is asked with a GET, and the digest is that of the bytes it sends. The Accept
+    header is a pull's, so the registry names the same manifest a pull would get."""
+    path = f"/v2/{repository}/manifests/{identifier}"
+
+    def head(timeout: tuple[float, float]) -> str | None:
+        resp = transport.send("HEAD", path, repository, {"Accept": ACCEPT}, timeout=timeout)
+        resp.close()
+        return resp.headers.get("Docker-Content-Digest")
+
+    claimed = transport.retrier.run(head)
+    if claimed:
+        try:
+            return Digest.parse(claimed.strip())
+        except BadReferenceError:
+            pass
+    return get(transport, repository, identifier).digest
 
 
 def _read_limited(transport: RegistryTransport, resp: requests.Response, limit: int, what: str) -> bytes:

@@ -101,6 +101,11 @@ class WrongDigest:
 
 
 @dataclass(frozen=True)
+class NoDigest:
+    """Send the content without a ``Docker-Content-Digest`` header (registries may omit it)."""
+
+
+@dataclass(frozen=True)
 class IgnoreRange:
     """Answer 200 with the whole content even when the request asked for a Range."""
 
@@ -158,7 +163,8 @@ class Trickle:
     every: float
 
 
-Fault = Status | Truncate | Corrupt | WrongDigest | IgnoreRange | NoLength | Redirect | Hold | Reset | Stall | Trickle
+Fault = (Status | Truncate | Corrupt | WrongDigest | NoDigest | IgnoreRange | NoLength | Redirect | Hold | Reset | Stall
+         | Trickle)
 
 
 # -- records and content -----------------------------------------------------------------
@@ -493,6 +499,8 @@ class FaultServer:
             flipped[fault.position] ^= 0xFF
             data = bytes(flipped)
         out_headers = {"Content-Type": content_type, "Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
+        if isinstance(fault, NoDigest):
+            del out_headers["Docker-Content-Digest"]
         status = 200
         wanted = headers.get("range")
         if wanted and kind == "blobs" and not isinstance(fault, IgnoreRange):
