@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,13 +29,23 @@ from builder.imagecache import (
     CREATING,
     GIB,
     READY,
+    CacheSpec,
     Event,
     ImageCache,
     ResolvedImage,
     VolumeInfo,
 )
 from builder.oci import Descriptor, Index
-from builder.pull import BlobDone, BlobProgress, ImageResolved, PulledImage, Puller, PullEvent, PullPlanned
+from builder.pull import (
+    BlobDone,
+    BlobProgress,
+    BlobSource,
+    ImageResolved,
+    PulledImage,
+    Puller,
+    PullEvent,
+    PullPlanned,
+)
 from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain
 from builder.registry.hosts import HostPolicy
@@ -189,15 +199,12 @@ class _Build:
         if cache.phase not in BUILDING:
             raise CacheStateError(f"image cache {self.name} is {cache.phase}: nothing to build")
         spec = cache.spec
-        keychain = Keychain([self.caches.secrets.load(s) for s in spec.image_pull_secrets])
-        policy = HostPolicy(frozenset(spec.plain_http), frozenset(spec.insecure))
         sources = self._sources(cache, spec.reuse)
         # Flash makes a new cache usable from staging; an update keeps serving the old
         # volume until the new one is packed, so it has nothing to gain from it.
         early = spec.flash and cache.phase == CREATING
         span = (5, 90) if early else (5, 80)
-        puller = Puller(self.store, policy, keychain, self.caches.platform, self.caches.concurrency,
-                        on_event=_BuildProgress(self, span), retry=self.retry, sources=sources)
+        puller = cache_puller(self.caches, spec, self.retry, _BuildProgress(self, span), sources)
         self.record(lambda c: c.event("Pulling", f"pulling {len(spec.images)} images"))
         with self.store.pinning():
             result = puller.pull([parse_reference(i) for i in spec.images], record=False)
@@ -317,6 +324,18 @@ class _Build:
         return out
 
 
+def cache_puller(caches: Caches, spec: CacheSpec, retry: RetryPolicy,
+                 on_event: Callable[[PullEvent], None] | None = None, sources: Sequence[BlobSource] = ()) -> Puller:
+    """The puller a cache's images are resolved and fetched with: its own plain-HTTP and
+    insecure lists and pull secrets (then the user's credential files), and the home's
+    platform. A drift check asks the registries with this one too, so it sees what a
+    build would."""
+    keychain = Keychain([caches.secrets.load(s) for s in spec.image_pull_secrets])
+    policy = HostPolicy(frozenset(spec.plain_http), frozenset(spec.insecure))
+    return Puller(caches.store, policy, keychain, caches.platform, caches.concurrency, on_event=on_event,
+                  retry=retry, sources=sources)
+
+
 def check_capacity(unpacked: int, size_gib: int) -> None:
     """Refuse content whose unpacked size does not fit ``size_gib``, saying the size it needs."""
     capacity = size_gib * GIB
@@ -336,6 +355,7 @@ def switch_to_volume(c: ImageCache, vol: Volume, resolved: list[ResolvedImage], 
     c.volume_state = "ready"
     c.generation = generation
     c.images = resolved
+    c.resolved_again()
     c.pinned = []
     c.message = ""
     c.event("VolumePacked", f"volume {vol.path.name}: {vol.blob_bytes} bytes of blobs in "

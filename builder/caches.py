@@ -26,6 +26,7 @@ from builder.home import Home, partial_of
 from builder.imagecache import (
     A_FLASH,
     A_INSECURE,
+    A_ON_DRIFT,
     A_PLAIN_HTTP,
     A_REUSE,
     BUILDING,
@@ -324,7 +325,7 @@ class Caches:
                plain_http: list[str] | None = None, insecure: list[str] | None = None,
                pull_secrets: list[str] | None = None, size_gib: int | None = None, reuse: bool | None = None,
                flash: bool | None = None, annotations: dict[str, str] | None = None,
-               resource_version: int | None = None) -> tuple[ImageCache, BuildLease | None]:
+               resource_version: int | None = None, on_drift: str | None = None) -> tuple[ImageCache, BuildLease | None]:
         """Change some fields of a Ready (or UpdateFailed) cache, the others kept; see
         ``update_spec``."""
         current = self.get(name)
@@ -339,6 +340,7 @@ class Caches:
             size_gib=size_gib if size_gib is not None else current.spec.size_gib,
             reuse=reuse if reuse is not None else current.spec.reuse,
             flash=flash if flash is not None else current.spec.flash,
+            on_drift=on_drift if on_drift is not None else current.spec.on_drift,
         )
         return self.update_spec(name, spec, resource_version)
 
@@ -371,6 +373,8 @@ class Caches:
             rebuild = f"re-packing into a volume of {spec.size_gib} GiB"
         elif current.phase == UPDATE_FAILED or current.volume_state != "ready":
             rebuild = f"rebuilding with {len(spec.images)} images"
+        elif current.stale:
+            rebuild = f"rebuilding: the tags of {', '.join(sorted(current.moved_tags))} moved since the last build"
         return UpdatePlan(current, spec, changes, rebuild)
 
     def update_spec(self, name: str, spec: CacheSpec,
@@ -622,7 +626,7 @@ class UpdatePlan:
 # Spec fields as the ImageCache object names them (annotations for the imc-only ones).
 _FIELDS = (("images", "images"), ("image_pull_secrets", "imagePullSecrets"), ("size_gib", "imageCacheSize"),
            ("retention_days", "retentionDays"), ("reuse", A_REUSE), ("flash", A_FLASH),
-           ("plain_http", A_PLAIN_HTTP), ("insecure", A_INSECURE))
+           ("plain_http", A_PLAIN_HTTP), ("insecure", A_INSECURE), ("on_drift", A_ON_DRIFT))
 
 
 def spec_changes(old: CacheSpec, new: CacheSpec) -> list[tuple[str, object, object]]:

@@ -51,6 +51,12 @@ A_INSECURE = ANNOTATION_PREFIX + "insecure-registry"
 KNOWN_ANNOTATIONS = (A_REUSE, A_FLASH, A_RETENTION, A_SIZE, A_PLAIN_HTTP, A_INSECURE)
 # The documentation's placement, networking and cloud-registry annotations: meaningful
 # to the hosted service, not to a cache on one machine. Accepted, recorded, reported.
+# imc's own annotations, for what only imc does (the hosted service has no such option).
+IMC_ANNOTATION_PREFIX = "imc.dev/"
+A_ON_DRIFT = IMC_ANNOTATION_PREFIX + "on-drift"
+IMC_ANNOTATIONS = (A_ON_DRIFT,)
+ON_DRIFT_IGNORE, ON_DRIFT_UPDATE = "ignore", "update"
+ON_DRIFT = (ON_DRIFT_IGNORE, ON_DRIFT_UPDATE)
 CLOUD_ONLY_ANNOTATIONS = tuple(ANNOTATION_PREFIX + a for a in (
     "vswitch-ids", "security-group-id", "resource-group-id", "acr-instance-ids", "eip-instance-id",
     "auto-create-eip", "eip-bandwidth", "eip-internet-charge-type", "eip-isp", "eip-common-bandwidth-package-id"))
@@ -134,6 +140,7 @@ class CacheSpec:
     plain_http: list[str] = field(default_factory=list)
     insecure: list[str] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
+    on_drift: str = ON_DRIFT_IGNORE  # what a moved tag does: ignore (report it) or update (rebuild)
 
     def validated(self) -> CacheSpec:
         """A normalised copy, or ValidationError naming the first broken rule."""
@@ -156,9 +163,11 @@ class CacheSpec:
         retention = None
         if self.retention_days is not None:
             retention = _int_in("retentionDays", self.retention_days, RETENTION_MIN, RETENTION_MAX)
+        if self.on_drift not in ON_DRIFT:
+            raise ValidationError(f"on-drift: want {' or '.join(ON_DRIFT)}, got {self.on_drift!r}")
         return CacheSpec(images, list(dict.fromkeys(self.image_pull_secrets)), size, retention, bool(self.reuse),
                          bool(self.flash), sorted(parse_endpoint_list(self.plain_http)),
-                         sorted(parse_endpoint_list(self.insecure)), dict(self.annotations))
+                         sorted(parse_endpoint_list(self.insecure)), dict(self.annotations), self.on_drift)
 
     @classmethod
     def from_annotations(cls, base: CacheSpec, annotations: dict[str, Any]) -> tuple[CacheSpec, AnnotationReport]:
@@ -175,6 +184,13 @@ class CacheSpec:
         for key, value in given.items():
             if not isinstance(value, str):
                 raise ValidationError(f"annotation {key}: values must be strings, got {value!r}")
+            if key == A_ON_DRIFT:
+                if value.strip().lower() not in ON_DRIFT:
+                    raise ValidationError(f'annotation {key}: want "{ON_DRIFT_UPDATE}" or "{ON_DRIFT_IGNORE}", '
+                                          f"got {value!r}")
+                spec.on_drift = value.strip().lower()
+            elif key.startswith(IMC_ANNOTATION_PREFIX):
+                raise ValidationError(f"unknown annotation {key} (known: {', '.join(IMC_ANNOTATIONS)})")
             if not key.startswith(ANNOTATION_PREFIX):
                 continue
             if key == A_REUSE:
@@ -237,6 +253,24 @@ class ResolvedImage:
 
 
 @dataclass
+class Condition:
+    """A Kubernetes-style condition: whether something holds of the cache (``status``
+    "True" or "False"), why, and since when (``last_transition_time`` moves only when
+    ``status`` does)."""
+
+    type: str
+    status: str
+    reason: str
+    message: str
+    last_transition_time: str
+    observed_generation: int
+
+
+STALE_CONDITION = "Stale"
+"""The condition a moved tag sets: the cache holds what a tag pointed at, not what it points at now."""
+
+
+@dataclass
 class VolumeInfo:
     """The packed volume that serves a cache."""
 
@@ -275,6 +309,9 @@ class ImageCache:
     generation: int = 0
     resource_version: int = 0
     spec_generation: int = 1
+    conditions: list[Condition] = field(default_factory=list)
+    moved_tags: dict[str, str] = field(default_factory=dict)  # image -> the digest its tag points at now
+    drift_warned: str | None = None  # the last DriftCheckFailed event, which comes at most hourly
 
     # -- state --------------------------------------------------------------------
 
@@ -283,6 +320,31 @@ class ImageCache:
         stamp = rfc3339(when or now_utc())
         self.events.append(Event(stamp, type_, reason, message))  # type: ignore[arg-type]
         self.last_updated = stamp
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def set_condition(self, type_: str, status: bool, reason: str, message: str,
+                      when: dt.datetime | None = None) -> None:
+        """Set a condition; its transition time moves only when its status changes."""
+        shown = "True" if status else "False"
+        old = self.condition(type_)
+        since = old.last_transition_time if old is not None and old.status == shown else rfc3339(when or now_utc())
+        new = Condition(type_, shown, reason, message, since or "", self.spec_generation)
+        self.conditions = [new if c.type == type_ else c for c in self.conditions] if old else [*self.conditions, new]
+
+    @property
+    def stale(self) -> bool:
+        """Whether a tag the cache was built from points at other content now."""
+        found = self.condition(STALE_CONDITION)
+        return found is not None and found.status == "True"
+
+    def resolved_again(self, when: dt.datetime | None = None) -> None:
+        """A build resolved every tag anew: what was stale is current."""
+        self.moved_tags = {}
+        if self.condition(STALE_CONDITION) is not None:
+            self.set_condition(STALE_CONDITION, False, "Rebuilt", "the cache was rebuilt from the digests its tags point at",
+                               when)
 
     def set_progress(self, percent: int) -> None:
         """Progress only rises while a phase lasts."""
@@ -341,6 +403,7 @@ class ImageCache:
         doc["images"] = [ResolvedImage(**i) for i in doc.get("images", [])]
         doc["pinned"] = [ResolvedImage(**i) for i in doc.get("pinned", [])]
         doc["volume"] = VolumeInfo(**doc["volume"]) if doc.get("volume") else None
+        doc["conditions"] = [Condition(**c) for c in doc.get("conditions", [])]
         return cls(**doc)
 
     # -- the Kubernetes-style object ---------------------------------------------------
@@ -361,6 +424,8 @@ class ImageCache:
             annotations[A_PLAIN_HTTP] = ",".join(self.spec.plain_http)
         if self.spec.insecure:
             annotations[A_INSECURE] = ",".join(self.spec.insecure)
+        if self.spec.on_drift != ON_DRIFT_IGNORE or A_ON_DRIFT in annotations:
+            annotations[A_ON_DRIFT] = self.spec.on_drift
         metadata: dict[str, Any] = {"name": self.name, "uid": self.uid, "resourceVersion": str(self.resource_version),
                                     "generation": self.spec_generation, "creationTimestamp": self.created}
         if annotations:
@@ -389,6 +454,10 @@ class ImageCache:
         }
         if self.last_used:
             status["lastUsedTime"] = self.last_used
+        if self.conditions:
+            status["conditions"] = [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
+                                     "lastTransitionTime": c.last_transition_time,
+                                     "observedGeneration": c.observed_generation} for c in self.conditions]
         if self.message:
             status["message"] = self.message
         return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec, "status": status}

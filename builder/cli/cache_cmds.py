@@ -29,11 +29,13 @@ from builder.cli.common import (
     timeout_option,
 )
 from builder.cli.progress import pull_progress
+from builder.drift import DriftCheck
 from builder.errors import BuildFailedError, ExitCode, ValidationError
 from builder.export import FORMATS, OCI_ARCHIVE, export_archive, stream_archive
 from builder.home import open_unlinked
 from builder.imagecache import (
     FAILED,
+    ON_DRIFT,
     SIZE_DEFAULT,
     UPDATE_FAILED,
     CacheSpec,
@@ -69,6 +71,12 @@ def run_build(ctx: Context, cache: ImageCache, lease: BuildLease, wait: bool, qu
     return cache
 
 
+def on_drift_option(f: Callable) -> Callable:
+    return click.option("--on-drift", type=click.Choice(ON_DRIFT),
+                        help="What a moved tag does: ignore (report it: Stale, TagDrifted; the default) or "
+                             "update (rebuild the cache from the tags' new digests).")(f)
+
+
 def wait_options(f: Callable) -> Callable:
     f = click.option("-q", "--quiet", is_flag=True, help="No progress display with --wait.")(f)
     f = click.option("--wait/--no-wait", default=False,
@@ -91,6 +99,7 @@ def cache() -> None:
 @click.option("--plain-http", multiple=True, metavar="LIST", help="Endpoints to reach over plain HTTP.")
 @click.option("--insecure", multiple=True, metavar="LIST", help="Endpoints to reach over HTTPS without verification.")
 @click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME", help="Stored pull secret to use.")
+@on_drift_option
 @timeout_option
 @authfile_option
 @wait_options
@@ -98,10 +107,11 @@ def cache() -> None:
 @pass_ctx
 def cache_create(ctx: Context, name: str, images: tuple[str, ...], size_gib: int, retention_days: int | None,
                  reuse: bool, flash: bool, plain_http: tuple[str, ...], insecure: tuple[str, ...],
-                 pull_secrets: tuple[str, ...], timeout: float | None, wait: bool, quiet: bool, output: str) -> None:
+                 pull_secrets: tuple[str, ...], on_drift: str | None, timeout: float | None, wait: bool, quiet: bool,
+                 output: str) -> None:
     """Create an image cache and build it: pull, check capacity, pack the volume."""
     spec = CacheSpec(list(images), list(pull_secrets), size_gib, retention_days, reuse, flash,
-                     list(plain_http), list(insecure))
+                     list(plain_http), list(insecure), on_drift=on_drift or ON_DRIFT[0])
     created, lease = ctx.caches.create(name, spec)
     result = run_build(ctx, created, lease, wait, quiet or output != "table", timeout)
     if output == "table" and not wait:
@@ -170,6 +180,7 @@ def cache_events(ctx: Context, name: str, output: str) -> None:
 @click.option("--plain-http", multiple=True, metavar="LIST")
 @click.option("--insecure", multiple=True, metavar="LIST")
 @click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME")
+@on_drift_option
 @timeout_option
 @authfile_option
 @wait_options
@@ -177,19 +188,59 @@ def cache_events(ctx: Context, name: str, output: str) -> None:
 @pass_ctx
 def cache_update(ctx: Context, name: str, images: tuple[str, ...], size_gib: int | None, retention_days: int | None,
                  no_retention: bool, reuse: bool | None, flash: bool | None, plain_http: tuple[str, ...],
-                 insecure: tuple[str, ...], pull_secrets: tuple[str, ...], timeout: float | None, wait: bool,
-                 quiet: bool, output: str) -> None:
+                 insecure: tuple[str, ...], pull_secrets: tuple[str, ...], on_drift: str | None, timeout: float | None,
+                 wait: bool, quiet: bool, output: str) -> None:
     """Change images, size, retention, options or registry lists of a Ready or UpdateFailed cache."""
     retention: object = None if no_retention else (retention_days if retention_days is not None else UNSET)
     updated, lease = ctx.caches.update(name, list(images) or None, retention, list(plain_http) or None,
                                        list(insecure) or None, list(pull_secrets) or None, size_gib=size_gib,
-                                       reuse=reuse, flash=flash)
+                                       reuse=reuse, flash=flash, on_drift=on_drift)
     if lease is not None:
         updated = run_build(ctx, updated, lease, wait, quiet or output != "table", timeout)
     if output == "table" and lease is not None and not wait:
         click.echo(f"imagecache {name} updating in the background: imc cache get {name}")
         return
     show(updated, output)
+
+
+@cache.command("check")
+@click.argument("names", nargs=-1, metavar="[NAME|ID...]")
+@output_option("json", "yaml")
+@pass_ctx
+def cache_check(ctx: Context, names: tuple[str, ...], output: str) -> None:
+    """Ask the registries where each cache's tags point now (every cache when none is
+    named): a moved tag makes the cache Stale. It keeps serving what it holds; one
+    created or updated with --on-drift update is updated."""
+    checks = DriftCheck(ctx.caches, lambda c, lease: run_build(ctx, c, lease, wait=False, quiet=True)).check(names)
+    if emit([{"name": c.cache, "stale": c.stale, **({"skipped": c.skipped} if c.skipped else {}),
+              **({"update": c.update} if c.update else {}),
+              "images": [{"image": t.image, "state": t.state, "resolved": t.resolved, "current": t.current,
+                          **({"error": t.error} if t.error else {})} for t in c.tags]} for c in checks], output):
+        return
+    if not checks:
+        click.echo("No image caches.")
+        return
+    rows = [(c.cache, t.image, _short(t.resolved), _short(t.current) if t.current else "-", t.state)
+            for c in checks for t in c.tags]
+    if rows:
+        header = ("NAME", "IMAGE", "BUILT FROM", "NOW", "STATE")
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        for row in [header, *rows]:
+            click.echo("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for c in checks:
+        if c.skipped:
+            click.echo(f"{c.cache}: not checked: {c.skipped}")
+        for t in c.failed:
+            click.echo(f"{c.cache}: cannot check {t.image}: {t.error}")
+        if c.update == "started":
+            click.echo(f"{c.cache}: updating to the tags' new digests (on-drift: update): imc cache get {c.cache}")
+        elif c.update:
+            click.echo(f"{c.cache}: on-drift update {c.update}")
+
+
+def _short(digest: str) -> str:
+    """``sha256:`` and 12 hex digits, as a table shows a digest."""
+    return digest[:19]
 
 
 @cache.command("delete")

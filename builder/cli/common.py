@@ -98,12 +98,20 @@ def age(created: str | None) -> str:
 
 
 def print_table(caches: list[ImageCache]) -> None:
-    """The cache listing: NAME AGE CACHEID PHASE PROGRESS, as kubectl shows it."""
-    header = ("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS")
-    rows = [(c.name, age(c.created), c.id, c.phase, f"{c.progress}%") for c in caches]
+    """The cache listing: NAME AGE CACHEID PHASE PROGRESS, as kubectl shows it, and
+    STALE: yes when a tag moved since the build, no when the last check found none,
+    - before any check (or with every image pinned by digest)."""
+    header = ("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS", "STALE")
+    rows = [(c.name, age(c.created), c.id, c.phase, f"{c.progress}%", stale_cell(c)) for c in caches]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for row in [header, *rows]:
         click.echo("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def stale_cell(cache: ImageCache) -> str:
+    from builder.imagecache import STALE_CONDITION
+
+    return "yes" if cache.stale else "no" if cache.condition(STALE_CONDITION) is not None else "-"
 
 
 def show(cache: ImageCache, output: str) -> None:

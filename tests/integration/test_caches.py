@@ -409,9 +409,9 @@ spec:
     assert obj["status"]["imageCacheId"].startswith("imc-")
     assert any(e["reason"] == "AnnotationIgnored" and "vswitch-ids" in e["message"] for e in obj["status"]["events"])
     listing = run_imc(home, "cache", "list").stdout.splitlines()
-    assert listing[0].split() == ["NAME", "AGE", "CACHEID", "PHASE", "PROGRESS"]
+    assert listing[0].split() == ["NAME", "AGE", "CACHEID", "PHASE", "PROGRESS", "STALE"]
     assert [line.split()[0] for line in listing[1:]] == ["first", "second"]
-    assert all(line.split()[3:] == ["Ready", "100%"] for line in listing[1:])
+    assert all(line.split()[3:] == ["Ready", "100%", "-"] for line in listing[1:])
     # Applying the same file again changes nothing that needs a rebuild.
     again = run_imc(home, "apply", "-f", str(manifest), "--wait", "-q")
     assert again.returncode == 0 and "unchanged" in again.stdout

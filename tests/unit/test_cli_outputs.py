@@ -126,7 +126,7 @@ def home(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("args", [
     ("layers", "list"), ("cache", "list"), ("cache", "events", "demo"), ("secret", "list"), ("config", "get"),
-    ("gc",), ("cache", "get", "demo"),
+    ("gc",), ("cache", "get", "demo"), ("cache", "check"),
 ])
 def test_listings_print_the_same_data_as_json_and_yaml(home: Path, args: tuple[str, ...]) -> None:
     code_j, as_json = run(home, *args, "-o", "json")

@@ -18,7 +18,7 @@ LAYERS = [
     "errors", "faults", "digest", "home", "reference", "oci", "compression",
     "registry.hosts", "registry.auth", "registry.retry", "registry.transport",
     "registry.blobs", "registry.manifests", "registry.uploads", "registry.client",
-    "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "records", "caches", "build",
+    "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "records", "caches", "build", "drift",
     "artifact", "matcher",
     "server.accesslog", "server.registry", "server.metrics", "server.patch", "server.discovery", "server.api", "server.app",
     "cli",
