@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from pathlib import Path
 
@@ -13,9 +14,41 @@ from builder.cli.common import Context, make_keychain, pass_ctx, registry_option
 from builder.errors import ValidationError
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
 from builder.server.accesslog import JsonFormatter, TextFormatter
-from builder.server.app import MAX_CONNECTIONS, Server, parse_listen
+from builder.server.app import DRIFT_INTERVAL, MAX_CONNECTIONS, Server, parse_listen
 from builder.server.discovery import kubeconfig as kubeconfig_document
 from builder.server.registry import pull_through_puller
+
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``600``, ``90s``, ``10m``, ``1h`` or ``1h30m`` (as Go's durations
+    read), for intervals given either way."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        found = _DURATION.fullmatch(text) if text else None
+        if found is None or not any(found.groups()):
+            raise ValidationError(f"{text!r} is not a duration: want seconds (600) or a duration such as 10m, "
+                                  "90s or 1h30m") from None
+        hours, minutes, secs = (float(g or 0) for g in found.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValidationError(f"{text!r} is not a duration: want 0 or more seconds")
+    return seconds
+
+
+class _Duration(click.ParamType):
+    name = "SECONDS|DURATION"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float | int):
+            return float(value)
+        try:
+            return parse_duration(str(value))
+        except ValidationError as e:
+            self.fail(e.message, param, ctx)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -34,6 +67,8 @@ def _interrupt(signum: int, frame: object) -> None:
                    "?ns= must name one exactly; without ?ns= the first is used.")
 @click.option("--sweep-interval", type=float, default=3600.0, show_default=True,
               help="Seconds between sweeps of expired caches (0: never).")
+@click.option("--drift-interval", type=_Duration(), default=str(int(DRIFT_INTERVAL)), show_default="10m",
+              help="How often every cache's tags are checked for drift (600, 10m, 1h; 0: never).")
 @click.option("--api-token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="A file holding the bearer token the ImageCache API asks every client for (without it, "
                    "the API answers loopback clients only).")
@@ -47,7 +82,7 @@ def _interrupt(signum: int, frame: object) -> None:
 @registry_options
 @pass_ctx
 def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, upstreams: tuple[str, ...],
-          sweep_interval: float, api_token_file: Path | None, max_connections: int,
+          sweep_interval: float, drift_interval: float, api_token_file: Path | None, max_connections: int,
           log_level: str, log_format: str, plain_http: tuple[str, ...], insecure: tuple[str, ...],
           ca_file: str | None, pull_secrets: tuple[str, ...]) -> None:
     """Serve pulls from the caches (read-only OCI registry) and the ImageCache API.
@@ -74,7 +109,7 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
         puller = pull_through_puller(ctx.store, policy, make_keychain(ctx, pull_secrets))
     token = read_token(api_token_file) if api_token_file else None
     server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token,
-                    max_connections=max_connections)
+                    max_connections=max_connections, drift_interval=drift_interval)
     configure_log(log_level, log_format)
     signal.signal(signal.SIGTERM, _interrupt)
     base = f"http://{server.address}"

@@ -3,7 +3,8 @@
 Threads, one per connection, with keep-alive: a pull is a handful of long blob
 transfers, and blob bodies leave through ``socket.sendfile`` (no copy through
 Python) whenever their bytes lie in a file as they are. The server binds to
-loopback unless told otherwise, and sweeps expired caches periodically.
+loopback unless told otherwise, sweeps expired caches periodically, and checks the
+caches' tags for drift every ``drift_interval``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from requests.structures import CaseInsensitiveDict
 
 from builder import __version__
 from builder.build import Builder
-from builder.caches import Caches
+from builder.caches import BuildLease, Caches
+from builder.drift import DriftCheck
 from builder.errors import ImcError, ValidationError
+from builder.imagecache import STALE_CONDITION, ImageCache
 from builder.pull import Puller
 from builder.server import accesslog
 from builder.server.api import MAX_BODY_BYTES, BuildRunner, ImageCacheAPI
@@ -37,6 +40,8 @@ from builder.server.registry import RegistryEndpoint, Reply, error
 log = logging.getLogger(__name__)
 
 SOCKET_TIMEOUT = 120.0
+DRIFT_INTERVAL = 600.0
+"""Seconds between drift checks by default (10 minutes)."""
 MAX_CONNECTIONS = 256
 """Connections served at once by default, watches included; each holds one thread."""
 RETRY_AFTER_SECONDS = 1
@@ -369,13 +374,17 @@ class Server:
 
     def __init__(self, caches: Caches, listen: tuple[str, int], pull_through: Puller | None = None,
                  upstreams: Sequence[str] = (), sweep_interval: float = 3600.0, build_workers: int = 2,
-                 api_token: str | None = None, max_connections: int = MAX_CONNECTIONS) -> None:
+                 api_token: str | None = None, max_connections: int = MAX_CONNECTIONS,
+                 drift_interval: float = DRIFT_INTERVAL) -> None:
         self.caches = caches
-        self.metrics = Metrics()
+        self.metrics = Metrics(stale=self._staleness)
         self.registry = RegistryEndpoint(caches, pull_through, upstreams)
         self.builds = BuildRunner(Builder(caches), workers=build_workers)
         self.api = ImageCacheAPI(caches, self.builds, token=api_token)
         self.sweep_interval = sweep_interval
+        self.drift_interval = drift_interval
+        self.drift_rounds = 0
+        self._drift_done = threading.Condition()
         self._httpd = _HTTPServer(listen, self, max_connections)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -399,6 +408,8 @@ class Server:
         self._threads = [threading.Thread(target=self._httpd.serve_forever, name="imc-serve", daemon=True)]
         if self.sweep_interval > 0:
             self._threads.append(threading.Thread(target=self._sweep, name="imc-sweep", daemon=True))
+        if self.drift_interval > 0:
+            self._threads.append(threading.Thread(target=self._drift, name="imc-drift", daemon=True))
         for t in self._threads:
             t.start()
         return self
@@ -407,6 +418,8 @@ class Server:
         """Serve in this thread until interrupted."""
         if self.sweep_interval > 0:
             threading.Thread(target=self._sweep, name="imc-sweep", daemon=True).start()
+        if self.drift_interval > 0:
+            threading.Thread(target=self._drift, name="imc-drift", daemon=True).start()
         try:
             self._httpd.serve_forever()
         finally:
@@ -427,3 +440,36 @@ class Server:
                     log.info("sweep deleted expired caches: %s", ", ".join(report.deleted))
             except ImcError as e:
                 log.warning("sweep failed: %s", e.message)
+
+    def _drift(self) -> None:
+        """Check every cache's tags for drift, every ``drift_interval``."""
+        while not self._stopping.wait(self.drift_interval):
+            self.check_drift()
+
+    def check_drift(self) -> None:
+        """One round of the drift check over every cache; what it finds is recorded on
+        the caches (and read by ``/metrics``). An update the on-drift policy starts
+        runs on the API's build pool."""
+        try:
+            checks = DriftCheck(self.caches, self._start_build).check()
+            stale = [c.cache for c in checks if c.stale]
+            if stale:
+                log.info("drift check: stale caches: %s", ", ".join(stale))
+        except ImcError as e:
+            log.warning("drift check failed: %s", e.message)
+        finally:
+            with self._drift_done:
+                self.drift_rounds += 1
+                self._drift_done.notify_all()
+
+    def wait_drift_rounds(self, rounds: int, timeout: float = 60.0) -> bool:
+        """Wait until at least ``rounds`` drift checks have ended (tests)."""
+        with self._drift_done:
+            return self._drift_done.wait_for(lambda: self.drift_rounds >= rounds, timeout)
+
+    def _start_build(self, cache: ImageCache, lease: BuildLease) -> None:
+        self.builds.submit(cache.name, lease)
+
+    def _staleness(self) -> dict[str, bool]:
+        """Whether each checked cache is stale, for ``imc_cache_stale``."""
+        return {c.name: c.stale for c in self.caches.list() if c.condition(STALE_CONDITION) is not None}

@@ -14,6 +14,10 @@ on ``GET /metrics`` in the text format, or in OpenMetrics when the scraper asks 
 - ``imc_request_duration_seconds{kind}``: a histogram of registry requests, from the
   request head to the last byte of the answer, so a slow transfer shows too;
 - ``imc_http_requests_total{code}``: every answered request, by status code;
+- ``imc_cache_stale{cache}``: 1 while a tag the cache was built from points elsewhere
+  (its ``Stale`` condition), 0 once checked and current; a cache never checked (or
+  holding only images pinned by digest) has no series. Read from the records at each
+  scrape, so a check by ``imc cache check`` shows as well as the server's own;
 - ``imc_build_info{version}`` and the ``process_*`` metrics of the serving process.
 
 Labels are cache names (DNS-1123 labels, validated by the API), fixed kinds and status
@@ -22,12 +26,20 @@ codes, so the number of series stays bounded.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from builder import __version__
+from builder.errors import ImcError
 from builder.server.registry import Outcome
+
+log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds: from a manifest answered from memory to a large layer over a slow link."""
@@ -36,11 +48,30 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 prometheus_client.disable_created_metrics()
 
 
+class _Staleness(Collector):
+    """``imc_cache_stale``, read when scraped: the records are the truth about drift."""
+
+    def __init__(self, read: Callable[[], dict[str, bool]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("imc_cache_stale", "1 while a tag the cache was built from points at other "
+                                   "content (its Stale condition), 0 once checked and current.", labels=["cache"])
+        try:
+            stale = self.read()
+        except ImcError as e:
+            log.warning("imc_cache_stale: cannot read the caches: %s", e.message)
+            stale = {}
+        for name, value in sorted(stale.items()):
+            family.add_metric([name], 1.0 if value else 0.0)
+        yield family
+
+
 class Metrics:
     """The counters and histogram that the registry endpoint and the HTTP layer update
     and ``/metrics`` renders, in a registry of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, stale: Callable[[], dict[str, bool]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self._served = Counter("imc_served", "Manifests and blobs served, by cache and kind.",
@@ -59,6 +90,8 @@ class Metrics:
         self._requests = Counter("imc_http_requests", "Requests answered, by status code.", ["code"], registry=r)
         Info("imc_build", "The version of imc serving.", registry=r).info({"version": __version__})
         ProcessCollector(registry=r)
+        if stale is not None:
+            r.register(_Staleness(stale))
 
     def record(self, outcome: Outcome) -> None:
         """Count what answering one registry request did: served, hit or miss, fetched upstream."""
