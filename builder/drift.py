@@ -123,7 +123,7 @@ class DriftCheck:
 
     def check_cache(self, cache: ImageCache) -> CacheCheck:
         if cache.phase not in CHECKED_PHASES:
-            return CacheCheck(cache.name, skipped=f"{cache.phase}: checked once built")
+            return CacheCheck(cache.name, skipped=f"it is {cache.phase}; a cache is checked once it is built")
         result = CacheCheck(cache.name, self._ask(cache))
         if not any(t.state != PINNED for t in result.tags):
             return result

@@ -278,3 +278,22 @@ def test_serve_checks_every_interval_and_exposes_imc_cache_stale(
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {s.labels["cache"]: s.value for s in families["imc_cache_stale"].samples} == {"served": 1.0, "fresh": 0.0}
     assert caches.get("served").stale and caches.get("served").phase == "Ready"
+
+
+def test_serve_runs_the_on_drift_update_on_its_build_pool(
+        tmp_path: Path, plain_registry: Any, catalogue: dict[str, Any]) -> None:
+    caches, host = Caches(tmp_path / "home"), plain_registry.host
+    move_tag(plain_registry, "fixtures/app:1.0", "drift/pool:live")
+    build(caches, "pool", CacheSpec([f"{host}/drift/pool:live"], plain_http=[host], on_drift="update"))
+    move_tag(plain_registry, "fixtures/app:2.0", "drift/pool:live")
+    server = Server(caches, ("127.0.0.1", 0), sweep_interval=0, drift_interval=0).start()
+    try:
+        server.check_drift()
+        assert server.drift_rounds == 1
+        server.builds.shutdown(wait=True)  # the update the check queued runs to its end
+    finally:
+        server.stop()
+    done = caches.get("pool")
+    assert done.phase == "Ready" and [i.digest for i in done.images] == [digest(catalogue, "fixtures/app:2.0")]
+    assert not done.stale and [e.reason for e in done.events if e.reason in ("TagDrifted", "DriftUpdate")] == [
+        "TagDrifted", "DriftUpdate"]
