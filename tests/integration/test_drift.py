@@ -297,3 +297,23 @@ def test_serve_runs_the_on_drift_update_on_its_build_pool(
     assert done.phase == "Ready" and [i.digest for i in done.images] == [digest(catalogue, "fixtures/app:2.0")]
     assert not done.stale and [e.reason for e in done.events if e.reason in ("TagDrifted", "DriftUpdate")] == [
         "TagDrifted", "DriftUpdate"]
+
+
+def test_the_check_asks_with_the_caches_own_pull_secret(
+        tmp_path: Path, plain_registry: Any, token_registry: Any, catalogue: dict[str, Any]) -> None:
+    """The token registry shares the plain one's storage: a tag moved through one moves in both."""
+    caches = Caches(tmp_path / "home")
+    caches.secrets.create("team:registry", token_registry.host, token_registry.username, token_registry.password)
+    move_tag(plain_registry, "fixtures/app:1.0", "drift/secret:live")
+    build(caches, "private", CacheSpec([f"{token_registry.host}/drift/secret:live"], ["team:registry"],
+                                       plain_http=[token_registry.host]))
+    move_tag(plain_registry, "fixtures/app:2.0", "drift/secret:live")
+    [check] = DriftCheck(caches).check()
+    assert [(t.state, t.current) for t in check.tags] == [("moved", digest(catalogue, "fixtures/app:2.0"))]
+
+    caches.secrets.path("team:registry").unlink()  # gone: the check fails, saying which, and changes nothing
+    [failed] = DriftCheck(caches).check()
+    assert [t.state for t in failed.tags] == ["failed"] and "pull secret team:registry does not exist" in (
+        failed.tags[0].error or "")
+    record = caches.get("private")
+    assert record.stale and token_registry.password not in json.dumps(record.to_doc())
