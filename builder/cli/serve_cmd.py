@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import ssl
 from pathlib import Path
 
 import click
@@ -14,9 +15,11 @@ from builder.cli.common import Context, make_keychain, pass_ctx, registry_option
 from builder.errors import ValidationError
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
 from builder.server.accesslog import JsonFormatter, TextFormatter
-from builder.server.app import DRIFT_INTERVAL, MAX_CONNECTIONS, Server, parse_listen
+from builder.server.app import DRIFT_INTERVAL, MAX_CONNECTIONS, Server, parse_listen, tls_context
 from builder.server.discovery import kubeconfig as kubeconfig_document
 from builder.server.registry import pull_through_puller
+
+log = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
 
@@ -72,6 +75,10 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.option("--api-token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="A file holding the bearer token the ImageCache API asks every client for (without it, "
                    "the API answers loopback clients only).")
+@click.option("--tls-cert", type=click.Path(path_type=Path),
+              help="Serve HTTPS with this certificate (PEM, leaf first, then intermediates); needs --tls-key.")
+@click.option("--tls-key", type=click.Path(path_type=Path),
+              help="The unencrypted private key (PEM) of --tls-cert.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=MAX_CONNECTIONS, show_default=True,
               help="Connections served at once, watches included; past it a connection is answered 503 with "
                    "Retry-After.")
@@ -82,7 +89,8 @@ def _interrupt(signum: int, frame: object) -> None:
 @registry_options
 @pass_ctx
 def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, upstreams: tuple[str, ...],
-          sweep_interval: float, drift_interval: float, api_token_file: Path | None, max_connections: int,
+          sweep_interval: float, drift_interval: float, api_token_file: Path | None, tls_cert: Path | None,
+          tls_key: Path | None, max_connections: int,
           log_level: str, log_format: str, plain_http: tuple[str, ...], insecure: tuple[str, ...],
           ca_file: str | None, pull_secrets: tuple[str, ...]) -> None:
     """Serve pulls from the caches (read-only OCI registry) and the ImageCache API.
@@ -97,6 +105,9 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
     - the ImageCache API builds the caches it is sent, pulling their images from
       the registries they name (as imc cache create does); with --api-token-file,
       only for clients that bear its token.
+
+    With --tls-cert and --tls-key everything is served over HTTPS (TLS 1.2 or
+    later), as kubectl needs to send a kubeconfig's token at all.
     """
     address = parse_listen(listen, allow_remote)
     listed = [e for item in upstreams for part in item.split(",") for e in sorted(parse_endpoint_list(part))]
@@ -108,14 +119,20 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
         policy = HostPolicy(parse_endpoint_list(plain_http), parse_endpoint_list(insecure), ca_file)
         puller = pull_through_puller(ctx.store, policy, make_keychain(ctx, pull_secrets))
     token = read_token(api_token_file) if api_token_file else None
+    if (tls_cert is None) != (tls_key is None):
+        raise ValidationError("--tls-cert and --tls-key go together: give both, or neither")
+    tls = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
     server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token,
-                    max_connections=max_connections, drift_interval=drift_interval)
+                    max_connections=max_connections, drift_interval=drift_interval, tls=tls)
     configure_log(log_level, log_format)
     signal.signal(signal.SIGTERM, _interrupt)
-    base = f"http://{server.address}"
+    base = server.url
     click.echo(f"serving on {base}\n  registry: {base}/v2/\n  API:      {base}/apis/eci.alibabacloud.com/v1/imagecaches"
                f"\n  metrics:  {base}/metrics\n  log:      stderr, {log_format}, level {log_level} "
                f"(each request at info)", err=True)
+    if allow_remote and tls is None:
+        log.warning("--allow-remote without --tls-cert: bearer tokens and registry traffic go in clear text, "
+                    "and kubectl sends no token to an http:// server")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -151,14 +168,37 @@ def read_token(path: Path) -> str:
 @click.option("--listen", default="127.0.0.1:5050", show_default=True,
               help="The address imc serve listens on.")
 @click.option("--api-token-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="The token file imc serve was given: kubectl sends its token.")
-def kubeconfig(listen: str, api_token_file: Path | None) -> None:
+              help="The token file imc serve was given: kubectl sends its token (over https only).")
+@click.option("--tls-ca", type=click.Path(path_type=Path),
+              help="The CA certificate (PEM) that signed imc serve's --tls-cert: the server is https://, "
+                   "verified with this CA.")
+def kubeconfig(listen: str, api_token_file: Path | None, tls_ca: Path | None) -> None:
     """Print a kubeconfig for kubectl to manage the caches through imc serve at --listen."""
     host, port = parse_listen(listen, allow_remote=True)
     if port == 0:
         raise ValidationError(f"--listen {listen!r}: give the port imc serve listens on, not 0")
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # every address: reach it on loopback
-    server = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if tls_ca and not api_token_file:
+        # kubectl prompts for a user name and password for an https cluster whose user
+        # entry is empty; imc serve takes only a bearer token.
+        raise ValidationError("--tls-ca needs --api-token-file: over https kubectl sends the token, and without "
+                              "one it asks for a user name and password that imc serve does not take")
+    scheme = "https" if tls_ca else "http"
+    server = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     token = read_token(api_token_file) if api_token_file else None
-    click.echo(yaml.safe_dump(kubeconfig_document(server, token), sort_keys=False), nl=False)
+    ca = read_ca(tls_ca) if tls_ca else None
+    click.echo(yaml.safe_dump(kubeconfig_document(server, token, ca), sort_keys=False), nl=False)
+
+
+def read_ca(path: Path) -> bytes:
+    """The CA file's bytes, once checked to hold PEM certificates (kubectl would only
+    say so at its first request)."""
+    try:
+        pem = path.read_bytes()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):  # before OSError: SSLError is one
+        raise ValidationError(f"--tls-ca {path}: not a PEM CA certificate") from None
+    except OSError as e:
+        raise ValidationError(f"--tls-ca {path}: cannot read it: {e.strerror}") from None
+    return pem

@@ -4,7 +4,9 @@ Threads, one per connection, with keep-alive: a pull is a handful of long blob
 transfers, and blob bodies leave through ``socket.sendfile`` (no copy through
 Python) whenever their bytes lie in a file as they are. The server binds to
 loopback unless told otherwise, sweeps expired caches periodically, and checks the
-caches' tags for drift every ``drift_interval``.
+caches' tags for drift every ``drift_interval``. Given a certificate and key it
+speaks HTTPS only, the handshake done in the connection's own thread so that a
+client that never completes one holds up no other.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import logging
 import os
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, urlsplit
 
@@ -50,6 +54,8 @@ REFUSED_PENDING = 1024
 """Refused connections still being drained; past it, one is closed at once."""
 LINGER_BYTES = 64 << 20
 LINGER_SECONDS = 2.0
+HANDSHAKE_SECONDS = 10.0
+"""How long a connection may take to complete its TLS handshake before it is closed."""
 
 
 def parse_listen(text: str, allow_remote: bool) -> tuple[str, int]:
@@ -66,6 +72,34 @@ def parse_listen(text: str, allow_remote: bool) -> tuple[str, int]:
         raise ValidationError(f"--listen {text!r} is not a loopback address; pass --allow-remote to serve "
                               "other machines")
     return host, int(port)
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server's TLS context: TLS 1.2 or later, the default ciphers, ``cert`` (a PEM
+    chain, leaf first) with its unencrypted private ``key``. Checked before listening."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            path.open("rb").close()
+        except OSError as e:
+            raise ValidationError(f"{flag} {path}: cannot read it: {e.strerror}") from None
+
+    def no_password() -> bytes:
+        # Without a callback OpenSSL would prompt on the terminal for the passphrase.
+        raise ValidationError(f"--tls-key {key}: the key is encrypted; give an unencrypted key")
+
+    try:
+        context.load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as e:
+        if "KEY_VALUES_MISMATCH" in str(e):
+            raise ValidationError(f"--tls-key {key} does not match --tls-cert {cert}") from None
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cert)
+        except ssl.SSLError:
+            raise ValidationError(f"--tls-cert {cert}: no PEM certificate in it") from None
+        raise ValidationError(f"--tls-key {key}: no PEM private key in it") from None
+    return context
 
 
 def _request_kind(path: str) -> str:
@@ -163,17 +197,21 @@ class _Refuser:
 
 class _HTTPServer(ThreadingHTTPServer):
     """One thread per connection, at most ``max_connections`` of them: past the cap a
-    connection is answered 503 with ``Retry-After`` and closed, and starts no thread."""
+    connection is answered 503 with ``Retry-After`` and closed, and starts no thread
+    (over TLS it is closed unanswered: an answer would need a handshake first)."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], app: Server, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, address: tuple[str, int], app: Server, max_connections: int = MAX_CONNECTIONS,
+                 tls: ssl.SSLContext | None = None) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.app = app
+        self.tls = tls
+        self.handshake_seconds = HANDSHAKE_SECONDS
         self.max_connections = max_connections
         self.connections = 0
         self._slots = threading.Condition()
@@ -184,8 +222,12 @@ class _HTTPServer(ThreadingHTTPServer):
             admitted = self.connections < self.max_connections
             if admitted:
                 self.connections += 1
+                self._slots.notify_all()
         if not admitted:
-            self._refuser.refuse(request)
+            if self.tls is None:
+                self._refuser.refuse(request)
+            else:
+                request.close()
             accesslog.record(client_address[0], "-", "-", 503, 0, 0.0)
             self.app.metrics.answered(503)
             return
@@ -197,9 +239,28 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            if self.tls is not None:
+                request = self._handshake(self.tls, request, client_address)
+            if request is not None:
+                super().process_request_thread(request, client_address)
         finally:
             self._release()
+
+    def _handshake(self, tls: ssl.SSLContext, sock: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
+        """The TLS handshake, bounded in time; None (the socket closed) when it fails."""
+        try:
+            sock.settimeout(self.handshake_seconds)
+            conn = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            sock.close()
+            return None
+        try:
+            conn.do_handshake()
+        except OSError as e:  # ssl.SSLError and timeouts are OSErrors
+            log.debug("%s: TLS handshake failed: %s", client_address[0], e)
+            conn.close()
+            return None
+        return conn
 
     def _release(self) -> None:
         with self._slots:
@@ -375,7 +436,7 @@ class Server:
     def __init__(self, caches: Caches, listen: tuple[str, int], pull_through: Puller | None = None,
                  upstreams: Sequence[str] = (), sweep_interval: float = 3600.0, build_workers: int = 2,
                  api_token: str | None = None, max_connections: int = MAX_CONNECTIONS,
-                 drift_interval: float = DRIFT_INTERVAL) -> None:
+                 drift_interval: float = DRIFT_INTERVAL, tls: ssl.SSLContext | None = None) -> None:
         self.caches = caches
         self.metrics = Metrics(stale=self._staleness)
         self.registry = RegistryEndpoint(caches, pull_through, upstreams)
@@ -385,7 +446,7 @@ class Server:
         self.drift_interval = drift_interval
         self.drift_rounds = 0
         self._drift_done = threading.Condition()
-        self._httpd = _HTTPServer(listen, self, max_connections)
+        self._httpd = _HTTPServer(listen, self, max_connections, tls)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -393,6 +454,11 @@ class Server:
     def address(self) -> str:
         host, port = self._httpd.server_address[:2]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        """The base URL clients reach the server at: ``https://`` when it serves TLS."""
+        return f"{'https' if self._httpd.tls else 'http'}://{self.address}"
 
     @property
     def connections(self) -> int:

@@ -11,6 +11,7 @@ resource imc owns, so each can be tested without a server.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -333,13 +334,16 @@ def table(objects: list[dict[str, Any]], now: dt.datetime, include: str = "Metad
 
 
 
-def kubeconfig(server: str, token: str | None = None) -> dict[str, Any]:
+def kubeconfig(server: str, token: str | None = None, ca: bytes | None = None) -> dict[str, Any]:
     """A kubeconfig with one cluster (``imc``, at ``server``), user and context, for
     ``kubectl`` to manage the caches of this machine. ``token`` is the bearer token
-    the API asks remote clients for."""
+    the API asks remote clients for; ``ca`` the PEM CA an https server is verified with."""
     user: dict[str, Any] = {"token": token} if token else {}
+    cluster: dict[str, Any] = {"server": server}
+    if ca:
+        cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
     return {"apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": "imc", "cluster": {"server": server}}],
+            "clusters": [{"name": "imc", "cluster": cluster}],
             "users": [{"name": "imc", "user": user}],
             "contexts": [{"name": "imc", "context": {"cluster": "imc", "user": "imc"}}],
             "current-context": "imc"}

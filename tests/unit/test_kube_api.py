@@ -187,6 +187,8 @@ def test_kubeconfig_names_one_cluster_user_and_context() -> None:
     assert doc["clusters"] == [{"name": "imc", "cluster": {"server": "http://127.0.0.1:5050"}}]
     assert doc["users"] == [{"name": "imc", "user": {}}]
     assert discovery.kubeconfig("http://h:1", token="t0k")["users"][0]["user"] == {"token": "t0k"}
+    cluster = discovery.kubeconfig("https://h:1", token="t0k", ca=b"PEM\n")["clusters"][0]["cluster"]
+    assert cluster == {"server": "https://h:1", "certificate-authority-data": "UEVNCg=="}
 
 
 def obj_of(name: str, **spec: Any) -> dict[str, Any]:
