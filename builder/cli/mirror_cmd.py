@@ -5,7 +5,7 @@ containerd a ``hosts.toml`` per registry, Docker ``registry-mirrors`` in
 ``daemon.json`` (Docker Hub only), Podman a ``[[registry.mirror]]`` in
 ``registries.conf``. The snippets are generated, not hand-written, so that the
 registry's upstream URL, the mirror's scheme and the TLS switches agree with how
-``imc serve`` listens (plain HTTP, unless it sits behind a TLS proxy). Each snippet
+``imc serve`` listens (plain HTTP, unless it serves TLS: ``imc serve --tls-cert``). Each snippet
 names the ``imc serve --upstream`` flags that pull through from the same registries:
 the mirror asks with ``?ns=<registry>``, and imc serve pulls only from those listed.
 containerd's files also carry what production needs: a private CA, a short dial timeout

@@ -9,7 +9,9 @@ temporary HOME, so its discovery cache starts empty.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -27,6 +29,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from support import certs
 from support.imccli import imc_env
 
 # The venv's kubectl when install-kubectl.sh put one there (none on PATH, or too old).
@@ -47,7 +50,7 @@ class Kube:
     def run(self, *args: str, check: bool = True, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
         assert KUBECTL is not None
         out = subprocess.run([KUBECTL, *args], capture_output=True, text=True, env=self.env, timeout=timeout,
-                             cwd=self.workdir, check=False)
+                             cwd=self.workdir, check=False, stdin=subprocess.DEVNULL)
         if check:
             assert out.returncode == 0, f"kubectl {' '.join(args)}: exit {out.returncode}\n{out.stderr}"
         return out
@@ -81,7 +84,7 @@ def serving(tmp_path: Path, *serve_args: str, kubeconfig_args: tuple[str, ...] =
     try:
         assert proc.stderr is not None
         first = proc.stderr.readline()  # blocks until serve has bound its socket, or exited
-        match = re.match(r"serving on http://(\S+)", first)
+        match = re.match(r"serving on https?://(\S+)", first)
         assert match, f"imc serve did not start: {first}{proc.stderr.read() if proc.poll() is not None else ''}"
         address = match.group(1)
         config = subprocess.run([*IMC, "kubeconfig", "--listen", address, *kubeconfig_args], capture_output=True,
@@ -302,3 +305,51 @@ def test_a_token_guards_the_api_but_not_the_registry(tmp_path: Path) -> None:
         assert denied.returncode == 1
         assert denied.stderr.strip().splitlines()[-1] == (
             "error: You must be logged in to the server (the server has asked for the client to provide credentials)")
+
+
+def test_over_tls_kubectl_sends_the_token_and_pulls_verify_the_ca(tmp_path: Path, plain_registry: Any) -> None:
+    tls = certs.issue(tmp_path / "tls")
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    with serving(tmp_path, "--allow-remote", "--tls-cert", str(tls.cert), "--tls-key", str(tls.key),
+                 "--api-token-file", str(token),
+                 kubeconfig_args=("--api-token-file", str(token), "--tls-ca", str(tls.ca))) as kube:
+        config = yaml.safe_load(Path(kube.env["KUBECONFIG"]).read_text())
+        cluster = config["clusters"][0]["cluster"]
+        assert cluster["server"] == f"https://{kube.address}"
+        assert base64.b64decode(cluster["certificate-authority-data"]) == tls.ca.read_bytes()
+        assert config["users"][0]["user"] == {"token": "s3cret-token-0123456789"}
+
+        assert kube.run("get", "imagecaches").stderr.strip() == "No resources found"
+        anonymous = tmp_path / "anonymous.kubeconfig"  # the kubeconfig without its token
+        anonymous.write_text(yaml.safe_dump({**config, "users": [{"name": "imc", "user": {}}]}))
+        for other in (["--token=wrong-token-0123456789"],
+                      [f"--kubeconfig={anonymous}", "--username=imc", "--password=s3cret-token-0123456789"]):
+            denied = kube.run("get", "imagecaches", *other, check=False)
+            assert denied.returncode == 1
+            assert denied.stderr.strip().splitlines()[-1] == "error: You must be logged in to the server (Unauthorized)"
+        # With no credentials at all, kubectl asks for a user name before it sends anything.
+        denied = kube.run("get", "imagecaches", f"--kubeconfig={anonymous}", check=False)
+        assert denied.returncode == 1 and denied.stdout == "Please enter Username: "
+
+        path = kube.file("web.yaml", image_cache("web", plain_registry.host, "fixtures/app:1.0"))
+        assert kube.run("apply", "-f", path).stdout.strip() == "imagecache.eci.alibabacloud.com/web created"
+        kube.run("wait", "--for=jsonpath={.status.phase}=Ready", "imagecache/web", "--timeout=120s")
+        digest = json.loads(kube.run("get", "imc", "web", "-o", "json").stdout)["status"]["images"][0]["digest"]
+
+        # The registry endpoint is served over the same TLS: skopeo verifies it with the CA.
+        source = f"docker://{kube.address}/fixtures/app:1.0"
+        out = subprocess.run(["skopeo", "copy", "-q", "--src-cert-dir", str(tls.cert_dir), source,
+                              f"dir:{tmp_path / 'app'}"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "sha256:" + hashlib.sha256((tmp_path / "app" / "manifest.json").read_bytes()).hexdigest() == digest
+
+        # Clients that do not trust the CA refuse the server.
+        out = subprocess.run(["skopeo", "inspect", "--raw", source], capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "x509: certificate signed by unknown authority" in out.stderr
+        other = certs.issue(tmp_path / "other")
+        config["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(
+            other.ca.read_bytes()).decode()
+        (tmp_path / "other.kubeconfig").write_text(yaml.safe_dump(config))
+        out = kube.run("get", "imagecaches", f"--kubeconfig={tmp_path / 'other.kubeconfig'}", check=False)
+        assert out.returncode == 1 and "x509: certificate signed by unknown authority" in out.stderr
