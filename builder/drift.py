@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from builder.build import cache_puller
 from builder.caches import BuildLease, Caches
-from builder.errors import ImcError
+from builder.errors import ImcError, TransportError
 from builder.imagecache import (
     ON_DRIFT_UPDATE,
     READY,
@@ -146,14 +146,20 @@ class DriftCheck:
             puller = cache_puller(self.caches, cache.spec, self.retry)
         except ImcError as e:  # a pull secret the cache names is gone
             return [TagCheck(i.name, tag_digest(i), error=e.message) for i in cache.images]
+        down: dict[str, str] = {}  # endpoint -> why it could not be reached: not asked again this round
         for image in cache.images:
             ref = parse_reference(image.name)
             if ref.digest is not None:
                 tags.append(TagCheck(image.name, tag_digest(image), pinned=True))
                 continue
+            if ref.api_host in down:
+                tags.append(TagCheck(image.name, tag_digest(image), error=down[ref.api_host]))
+                continue
             try:
                 current = puller.registry(ref.api_host).current_digest(ref.repository, ref.identifier)
             except ImcError as e:
+                if isinstance(e, TransportError):
+                    down[ref.api_host] = e.message
                 tags.append(TagCheck(image.name, tag_digest(image), error=e.message))
                 continue
             tags.append(TagCheck(image.name, tag_digest(image), str(current)))
@@ -200,7 +206,8 @@ class DriftCheck:
                 if warned is None or now - warned >= WARN_EVERY:
                     c.drift_warned = rfc3339(now)
                     said = "; ".join(f"{t.image}: {t.error}" for t in result.failed)
-                    c.event("DriftCheckFailed", f"cannot check {len(result.failed)} tags (the cache keeps "
+                    n = len(result.failed)
+                    c.event("DriftCheckFailed", f"cannot check {n} tag{'' if n == 1 else 's'} (the cache keeps "
                             f"serving; checked again later): {said}", "Warning", when=now)
                     log.info("image cache %s: tag drift not checked: %s", c.name, said)
             if (c.conditions, c.moved_tags, len(c.events), c.drift_warned) == before:

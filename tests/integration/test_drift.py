@@ -155,16 +155,21 @@ def test_an_unreachable_registry_is_not_drift_and_warns_at_most_hourly(
     rs, endpoint = own_registry
     clock = Clock()
     caches = Caches(tmp_path / "home", clock=clock)
-    build(caches, "down", CacheSpec([f"{endpoint.host}/drift/down:live"], plain_http=[endpoint.host]))
+    subprocess.run(["skopeo", "copy", "-q", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
+                    f"docker://{endpoint.host}/drift/down:live", f"docker://{endpoint.host}/drift/down:other"],
+                   check=True, capture_output=True, timeout=120)
+    build(caches, "down", CacheSpec([f"{endpoint.host}/drift/down:live", f"{endpoint.host}/drift/down:other"],
+                                    plain_http=[endpoint.host]))
     rs.kill("plain")
 
     def warnings() -> list[str]:
         return [e.message for e in caches.get("down").events if e.reason == "DriftCheckFailed"]
 
     [check] = DriftCheck(caches).check()
-    assert [t.state for t in check.tags] == ["failed"] and not check.stale
-    assert "connection refused" in (check.tags[0].error or "")
-    assert len(warnings()) == 1 and "drift/down:live" in warnings()[0]
+    assert [t.state for t in check.tags] == ["failed", "failed"] and not check.stale
+    assert "connection refused" in (check.tags[0].error or "") and check.tags[1].error == check.tags[0].error
+    assert len(warnings()) == 1 and "drift/down:live" in warnings()[0] and "drift/down:other" in warnings()[0]
+    assert warnings()[0].startswith("cannot check 2 tags (the cache keeps serving; checked again later): ")
     assert caches.get("down").condition("Stale") is None and not caches.get("down").stale
     clock.now += dt.timedelta(minutes=59)
     DriftCheck(caches).check()
