@@ -93,9 +93,26 @@ class Builder:
         finally:
             lease.release()
         try:
-            return self.caches.get(name)
+            final = self.caches.get(name)
         except NotFoundLocalError:
             raise job.deleted() from None
+        return self._keep_budget(final) if final.auto and final.phase == READY else final
+
+    def _keep_budget(self, built: ImageCache) -> ImageCache:
+        """A new automatic cache may take the automatic caches past ``auto_max_bytes``:
+        the least recently used others go now, and the new cache's events say which."""
+        retired = self.caches.enforce_budget()
+        if not retired:
+            return built
+
+        def record(c: ImageCache) -> None:
+            for r in retired:
+                c.event("BudgetEnforced", f"automatic image cache {r.name} ({r.id}) deleted: {r.reason}")
+
+        try:
+            return self.caches.change(built.name, record)
+        except NotFoundLocalError:
+            return built  # deleted meanwhile: the log has said what went
 
 
 class _BuildProgress:

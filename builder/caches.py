@@ -55,6 +55,7 @@ from builder.oci import Platform
 from builder.pull import DEFAULT_CONCURRENCY
 from builder.records import CacheDB, Ranked
 from builder.registry.auth import SecretStore
+from builder.retirement import Retirement, expired, expiring_soon, over_budget, warn_expiring
 from builder.store import Store
 from builder.volume import Volume
 
@@ -126,13 +127,17 @@ class ImportedVolume:
 
 @dataclass
 class CachesGcReport:
-    """What ``Caches.gc`` removed."""
+    """What ``Caches.gc`` removed (or, dry, would remove): ``retired`` says why each
+    deleted cache went; a dry run also lists each volume file and blob, with sizes."""
 
     deleted: list[str] = field(default_factory=list)
     volumes_removed: int = 0
     blobs_removed: int = 0
     bytes_freed: int = 0
     partials_removed: int = 0
+    retired: list[Retirement] = field(default_factory=list)
+    volume_files: list[tuple[str, int]] = field(default_factory=list)
+    blobs: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Caches:
@@ -424,10 +429,13 @@ class Caches:
             path.unlink(missing_ok=True)
         return cache
 
-    def mark_used(self, name: str) -> ImageCache:
-        """Record a hit (automatic caches expire when unused); an expired cache is not
-        revived but deleted, and is not found."""
-        return self._use(name, ready=False)
+    def mark_used(self, name: str, hits: int = 1, when: dt.datetime | None = None) -> ImageCache:
+        """Record ``hits`` served hits, the last at ``when`` (default: now): ``imc serve``
+        writes them in batches. ``lastUsedTime`` moves to ``when`` unless a later use is
+        recorded, ``hitCount`` adds up; a status write, so the spec's generation stays
+        (``resourceVersion`` moves, as with any write). A cache that had expired by
+        ``when`` is not revived but deleted, and is not found."""
+        return self._use(name, ready=False, when=when, hits=hits)
 
     def take(self, name: str) -> ImageCache:
         """Mark a cache used if it is Ready, in one transaction: for a choice made from
@@ -436,18 +444,23 @@ class Caches:
         or expired (then deleted)."""
         return self._use(name, ready=True)
 
-    def _use(self, name: str, ready: bool) -> ImageCache:
+    def _use(self, name: str, ready: bool, when: dt.datetime | None = None, hits: int = 0) -> ImageCache:
         now, unused = self.clock(), self._unused()
+        when = min(when or now, now)
         expired: list[ImageCache] = []
 
         def use(cache: ImageCache) -> None:
             expire = self.expiry(cache, unused)
-            if expire is not None and expire <= now:
+            if expire is not None and expire <= when:
                 expired.append(cache)
                 raise _Expired
             if ready and cache.phase != READY:
                 raise CacheStateError(f"image cache {cache.name} ({cache.id}) is {cache.phase}, not Ready")
-            cache.last_used = rfc3339(now)
+            # One notion of the last use, whoever records it (a match, a batch of hits):
+            # it only moves forward.
+            cache.last_used = max(cache.last_used or "", rfc3339(when) or "")
+            cache.hit_count += hits
+            warn_expiring(cache, now)
 
         try:
             return self._shown(self._db.update(name, use), unused)
@@ -544,23 +557,105 @@ class Caches:
 
     # -- expiry and reclaiming --------------------------------------------------------------
 
-    def gc(self) -> CachesGcReport:
+    def gc(self, dry_run: bool = False) -> CachesGcReport:
         """Delete expired caches (retention over, failed 24 h ago, automatic and unused
-        too long), then reclaim every blob and volume file that nothing needs."""
+        too long) and the automatic caches over the byte budget, warn of retentions
+        that end soon on caches still in use, then reclaim every blob and volume file
+        that nothing needs. ``dry_run``: work out the same, and change nothing."""
+        if dry_run:
+            return self._gc_plan()
         report = CachesGcReport()
-        report.deleted = self._sweep()[1]
+        now, unused = self.clock(), self._unused()
+        records = self._db.list()
+        live, report.deleted = self._sweep()
+        report.retired = [expired(c, self.expiry(c, unused) or now, self.settings.auto_unused_days)
+                          for c in records if c.name in report.deleted]
+        report.retired += self._enforce_budget(live, now)
+        report.deleted += [r.name for r in report.retired if r.name not in report.deleted]
+        for cache in live:
+            if cache.name not in report.deleted:
+                self._warn_expiring(cache, now)
         # Blobs pull-through fetched on their own are kept like automatic caches: until unused that long.
-        unused = self._unused()
-        store_report = self.store.gc(pinned=self._pinned, pulled_since=(self.clock() - unused).timestamp())
+        store_report = self.store.gc(pinned=self._pinned, pulled_since=(now - unused).timestamp())
         report.blobs_removed = store_report.blobs_removed
         report.bytes_freed = store_report.bytes_freed
         report.partials_removed = store_report.partials_removed
         report.volumes_removed = self._remove_orphan_volumes()
         return report
 
+    def enforce_budget(self) -> list[Retirement]:
+        """Delete automatic caches, least recently used first, until they hold no more
+        than ``auto_max_bytes`` (or none may go); what went, and why."""
+        return self._enforce_budget(self._sweep()[0], self.clock())
+
+    def _enforce_budget(self, live: list[ImageCache], now: dt.datetime) -> list[Retirement]:
+        victims, left = over_budget(live, self.settings.auto_max_bytes, now)
+        gone = []
+        for victim in victims:
+            try:
+                self._delete(victim.name, victim.id)
+            except NotFoundLocalError:
+                continue  # deleted by another process meanwhile
+            log.info("automatic image cache %s (%s) deleted: %s", victim.name, victim.id, victim.reason)
+            gone.append(victim)
+        if left > self.settings.auto_max_bytes > 0:
+            log.warning("automatic image caches hold %d bytes, over auto_max_bytes (%d): every other one was "
+                        "used within the last hour or is being built", left, self.settings.auto_max_bytes)
+        return gone
+
+    def _warn_expiring(self, cache: ImageCache, now: dt.datetime) -> None:
+        """Record the ``ExpiringSoon`` warning on a cache that is due one (a write only then)."""
+        if not expiring_soon(cache, now):
+            return
+
+        def warn(c: ImageCache) -> None:
+            if c.id == cache.id:
+                warn_expiring(c, now)
+
+        try:
+            self.change(cache.name, warn)
+        except NotFoundLocalError:
+            pass
+
+    def _gc_plan(self) -> CachesGcReport:
+        """What ``gc`` would delete now, and why, reading only: expired caches, the
+        automatic caches over the budget, orphan volume files, unneeded blobs."""
+        now, unused = self.clock(), self._unused()
+        report = CachesGcReport()
+        records = self._db.list()
+        live = []
+        for cache in records:
+            expire = self.expiry(cache, unused)
+            if expire is not None and expire <= now:
+                report.retired.append(expired(cache, expire, self.settings.auto_unused_days))
+            else:
+                live.append(cache)
+        report.retired += over_budget(live, self.settings.auto_max_bytes, now)[0]
+        report.deleted = [r.name for r in report.retired]
+        kept = [c for c in records if c.name not in report.deleted]
+        report.volume_files = [(str(path), path.stat().st_size) for path in self._orphan_volumes(records)]
+        report.volumes_removed = len(report.volume_files)
+        unneeded = self.store.unneeded(self._pinned_by(kept), pulled_since=(now - unused).timestamp())
+        report.blobs = [(str(digest), size) for digest, size in unneeded]
+        report.blobs_removed = len(report.blobs)
+        report.bytes_freed = sum(size for _, size in unneeded)
+        return report
+
+    def _orphan_volumes(self, records: list[ImageCache]) -> list[Path]:
+        """Volume files no record in ``records`` points at, but those of a build under
+        way (``_remove_orphan_volumes`` finds their lease held)."""
+        serving = {Path(c.volume.path) for c in records if c.volume is not None}
+        building = {c.id for c in records if c.phase in BUILDING or c.volume_state == "packing"}
+        return sorted(path for path, cache_id in self.home.volume_files().items()
+                      if path not in serving and cache_id not in building)
+
     def _pinned(self) -> set[Digest]:
+        return self._pinned_by(self._db.list())
+
+    @staticmethod
+    def _pinned_by(records: list[ImageCache]) -> set[Digest]:
         out: set[Digest] = set()
-        for cache in self._db.list():
+        for cache in records:
             for image in cache.pinned:
                 out.add(Digest.parse(image.digest))
                 if image.index:

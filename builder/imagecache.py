@@ -295,6 +295,7 @@ class ImageCache:
     last_updated: str | None = None
     expire: str | None = None
     last_used: str | None = None
+    hit_count: int = 0
     auto: bool = False
     instance_id: str | None = None
     events: list[Event] = field(default_factory=list)
@@ -458,6 +459,7 @@ class ImageCache:
             status["conditions"] = [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
                                      "lastTransitionTime": c.last_transition_time,
                                      "observedGeneration": c.observed_generation} for c in self.conditions]
+        status["hitCount"] = self.hit_count
         if self.message:
             status["message"] = self.message
         return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec, "status": status}
@@ -525,6 +527,9 @@ class Settings:
     """Policies as data: quotas, automatic-cache expiry and how long a pull may wait,
     in ``settings.json``.
 
+    ``auto_max_bytes`` is a budget for the automatic caches' volumes together (0: none):
+    past it, the least recently used go first (``builder.retirement``).
+
     ``pull_stall_seconds`` bounds the time a download may go without receiving a byte
     (0: no bound); ``pull_timeout_seconds`` bounds a whole pull, build or transfer (0:
     none). They apply to the CLI (where ``--timeout`` overrides the second), to builds
@@ -533,6 +538,7 @@ class Settings:
 
     max_manual_caches: int = 100
     auto_unused_days: int = 30
+    auto_max_bytes: int = 0
     pull_stall_seconds: int = 120
     pull_timeout_seconds: int = 0
 

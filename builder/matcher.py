@@ -423,6 +423,12 @@ _MAX_BYTES = 2**63 - 1  # what a Kubernetes quantity can hold
 def _gib(quantity: Any, where: str = "ephemeral-storage") -> int:
     """A Kubernetes quantity (``30Gi``, ``500M``, ``1e9``, ``21474836480``) in whole
     GiB, rounded up: storage is asked for in bytes but caches are sized in GiB."""
+    return -(-quantity_bytes(quantity, where) // GIB)
+
+
+def quantity_bytes(quantity: Any, where: str) -> int:
+    """A Kubernetes quantity (``200G``, ``30Gi``, ``500M``, ``1e9``) in whole bytes,
+    rounded up: how imc reads sizes (a pod's storage, ``auto_max_bytes``)."""
     if isinstance(quantity, bool) or not isinstance(quantity, int | float | str):
         raise ValidationError(f"{where}: {quantity!r} is not a quantity (e.g. 30Gi)")
     text = str(quantity).strip()
@@ -444,4 +450,4 @@ def _gib(quantity: Any, where: str = "ephemeral-storage") -> int:
         raise ValidationError(f"{where}: {quantity!r} is negative")
     if value > _MAX_BYTES:
         raise ValidationError(f"{where}: {quantity!r} is out of range")
-    return int((value / GIB).to_integral_value(rounding=ROUND_CEILING))
+    return int(value.to_integral_value(rounding=ROUND_CEILING))

@@ -550,6 +550,20 @@ class Store:
         except OSError:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
+    def _live(self, pinned: set[Digest], pulled_since: float | None) -> set[Digest]:
+        """Every blob gc keeps: what stored images need, the closures of ``pinned``, and
+        blobs pull-through fetched that were used at or after ``pulled_since``."""
+        live = self.referenced()
+        for digest in pinned:
+            live |= self.closure(digest)
+        return live | self.pulled(pulled_since)
+
+    def unneeded(self, pinned: set[Digest], pulled_since: float | None = None) -> list[tuple[Digest, int]]:
+        """The blobs ``gc`` would remove now, with their sizes, reading only (``imc gc
+        --dry-run``)."""
+        live = self._live(pinned, pulled_since)
+        return [(digest, path.lstat().st_size) for digest, path in self.all_blobs() if digest not in live]
+
     def gc(self, pinned: Callable[[], set[Digest]] | None = None, pulled_since: float | None = None) -> GcReport:
         """Remove blobs no image needs, nor any manifest that ``pinned()`` names (with
         everything they reference), and abandoned partials. A blob pull-through fetched
@@ -563,10 +577,7 @@ class Store:
         report = GcReport()
         with flocked(self.home.gc_lock):
             faults.checkpoint("gc-locked")
-            live = self.referenced()
-            for digest in (pinned() if pinned else set()):
-                live |= self.closure(digest)
-            live |= self.pulled(pulled_since)
+            live = self._live(pinned() if pinned else set(), pulled_since)
             for digest, path in self.all_blobs():
                 if digest in live:
                     continue

@@ -18,9 +18,10 @@ LAYERS = [
     "errors", "faults", "digest", "home", "reference", "oci", "compression",
     "registry.hosts", "registry.auth", "registry.retry", "registry.transport",
     "registry.blobs", "registry.manifests", "registry.uploads", "registry.client",
-    "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "records", "caches", "build", "drift",
+    "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "records", "retirement",
+    "caches", "build", "drift",
     "artifact", "matcher",
-    "server.accesslog", "server.registry", "server.metrics", "server.patch", "server.discovery", "server.api", "server.app",
+    "server.accesslog", "server.hits", "server.registry", "server.metrics", "server.patch", "server.discovery", "server.api", "server.app",
     "cli",
 ]
 
