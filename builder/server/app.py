@@ -38,6 +38,7 @@ from builder.imagecache import STALE_CONDITION, ImageCache
 from builder.pull import Puller
 from builder.server import accesslog
 from builder.server.api import MAX_BODY_BYTES, BuildRunner, ImageCacheAPI
+from builder.server.hits import Hits
 from builder.server.metrics import Metrics
 from builder.server.registry import RegistryEndpoint, Reply, error
 
@@ -56,6 +57,8 @@ LINGER_BYTES = 64 << 20
 LINGER_SECONDS = 2.0
 HANDSHAKE_SECONDS = 10.0
 """How long a connection may take to complete its TLS handshake before it is closed."""
+HITS_FLUSH_SECONDS = 5.0
+"""How often the hits counted in memory are looked at; each cache's are written at most once a minute."""
 
 
 def parse_listen(text: str, allow_remote: bool) -> tuple[str, int]:
@@ -436,13 +439,16 @@ class Server:
     def __init__(self, caches: Caches, listen: tuple[str, int], pull_through: Puller | None = None,
                  upstreams: Sequence[str] = (), sweep_interval: float = 3600.0, build_workers: int = 2,
                  api_token: str | None = None, max_connections: int = MAX_CONNECTIONS,
-                 drift_interval: float = DRIFT_INTERVAL, tls: ssl.SSLContext | None = None) -> None:
+                 drift_interval: float = DRIFT_INTERVAL, tls: ssl.SSLContext | None = None,
+                 hits_flush_interval: float = HITS_FLUSH_SECONDS) -> None:
         self.caches = caches
         self.metrics = Metrics(stale=self._staleness)
-        self.registry = RegistryEndpoint(caches, pull_through, upstreams)
+        self.hits = Hits(caches)
+        self.registry = RegistryEndpoint(caches, pull_through, upstreams, hits=self.hits)
         self.builds = BuildRunner(Builder(caches), workers=build_workers)
         self.api = ImageCacheAPI(caches, self.builds, token=api_token)
         self.sweep_interval = sweep_interval
+        self.hits_flush_interval = hits_flush_interval
         self.drift_interval = drift_interval
         self.drift_rounds = 0
         self._drift_done = threading.Condition()
@@ -472,6 +478,8 @@ class Server:
     def start(self) -> Server:
         """Serve in background threads (tests, embedding); ``stop()`` ends it."""
         self._threads = [threading.Thread(target=self._httpd.serve_forever, name="imc-serve", daemon=True)]
+        if self.hits_flush_interval > 0:
+            self._threads.append(threading.Thread(target=self._flush_hits, name="imc-hits", daemon=True))
         if self.sweep_interval > 0:
             self._threads.append(threading.Thread(target=self._sweep, name="imc-sweep", daemon=True))
         if self.drift_interval > 0:
@@ -482,6 +490,8 @@ class Server:
 
     def serve_forever(self) -> None:
         """Serve in this thread until interrupted."""
+        if self.hits_flush_interval > 0:
+            threading.Thread(target=self._flush_hits, name="imc-hits", daemon=True).start()
         if self.sweep_interval > 0:
             threading.Thread(target=self._sweep, name="imc-sweep", daemon=True).start()
         if self.drift_interval > 0:
@@ -496,6 +506,12 @@ class Server:
         self._httpd.shutdown()
         self._httpd.server_close()
         self.builds.shutdown(wait=False)
+        self.hits.flush(everything=True)
+
+    def _flush_hits(self) -> None:
+        """Write the hits counted in memory, each cache's at most once a minute."""
+        while not self._stopping.wait(self.hits_flush_interval):
+            self.hits.flush()
 
     def _sweep(self) -> None:
         """Delete expired caches and reclaim what nothing needs, every ``sweep_interval``."""
@@ -503,7 +519,7 @@ class Server:
             try:
                 report = self.caches.gc()
                 if report.deleted:
-                    log.info("sweep deleted expired caches: %s", ", ".join(report.deleted))
+                    log.info("sweep deleted image caches: %s", ", ".join(report.deleted))
             except ImcError as e:
                 log.warning("sweep failed: %s", e.message)
 

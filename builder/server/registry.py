@@ -36,7 +36,7 @@ from typing import Generic, TypeVar
 from builder import reference
 from builder.caches import Caches
 from builder.digest import Digest
-from builder.errors import BadReferenceError, ImcError, NotFoundLocalError, ValidationError
+from builder.errors import BadReferenceError, ImcError, ValidationError
 from builder.imagecache import READY, UPDATE_FAILED, UPDATING, ImageCache, Settings
 from builder.matcher import Entry, MatchRequest, rank
 from builder.oci import INDEX_TYPES, MANIFEST_TYPES, Index
@@ -44,6 +44,7 @@ from builder.pull import Puller
 from builder.registry.auth import Keychain
 from builder.registry.hosts import HostPolicy
 from builder.registry.retry import RetryPolicy
+from builder.server.hits import Hits
 from builder.store import Store
 from builder.volume import Volume
 
@@ -129,6 +130,7 @@ class Blob:
     path: Path | None = None
     cache: str | None = None
     pulled: bool = False  # fetched by pull-through on its own: kept by gc while it is used
+    shared: bool = False  # held by other caches too (``cache`` is the first): a hit counts for none
 
     def extent(self, digest: Digest, start: int, end: int) -> tuple[Path, int, int] | None:
         """A file extent for sendfile, when the bytes lie in a file as they are."""
@@ -200,7 +202,9 @@ class ServeIndex:
                         continue
                     volumes[path] = vol
                     for digest, entry in vol.entries.items():
-                        blobs.setdefault(digest, Blob(entry.size, entry.media_type, volume=vol, cache=cache.name))
+                        if _held_elsewhere(blobs, digest, cache.name):
+                            continue
+                        blobs[digest] = Blob(entry.size, entry.media_type, volume=vol, cache=cache.name)
                 else:
                     self._add_store_closure(blobs, [Digest.parse(i.digest) for i in cache.images]
                                             + [Digest.parse(i.index) for i in cache.images if i.index], cache.name)
@@ -222,7 +226,7 @@ class ServeIndex:
         for root in roots:
             media_types = _media_types(self.store, root)
             for digest in self.store.closure(root):
-                if digest not in blobs and self.store.has(digest):
+                if not _held_elsewhere(blobs, digest, cache) and self.store.has(digest):
                     blobs[digest] = Blob(self.store.size(digest), media_types.get(digest, ""),
                                          path=self.store.blob_path(digest), cache=cache)
 
@@ -241,6 +245,17 @@ class ServeIndex:
                 return in_caches[ranked[0].entry.name]
             return next(iter(in_caches.values()))
         return found[0]
+
+
+def _held_elsewhere(blobs: dict[Digest, Blob], digest: Digest, cache: str | None) -> bool:
+    """Whether ``blobs`` already serves ``digest``; if from another cache than ``cache``,
+    it is marked ``shared``: a hit on it says no one cache is in use."""
+    held = blobs.get(digest)
+    if held is None:
+        return False
+    if cache is not None and held.cache not in (None, cache) and not held.shared:
+        blobs[digest] = dataclasses.replace(held, shared=True)
+    return True
 
 
 def _gone(blob: Blob) -> bool:
@@ -278,14 +293,15 @@ class RegistryEndpoint:
     """Answers distribution API requests from the ServeIndex; writes only what
     pull-through fetched from a listed upstream, into the store."""
 
-    def __init__(self, caches: Caches, pull_through: Puller | None = None, upstreams: Iterable[str] = ()) -> None:
+    def __init__(self, caches: Caches, pull_through: Puller | None = None, upstreams: Iterable[str] = (),
+                 hits: Hits | None = None) -> None:
         self.index = ServeIndex(caches)
+        self.hits = hits
         self.caches = caches
         self.pull_through = pull_through
         self.upstreams = tuple(dict.fromkeys(u.lower() for u in upstreams))
         if pull_through is not None and not self.upstreams:
             raise ValidationError("--pull-through needs --upstream HOST[:PORT]: the registries it may pull from")
-        self._used: dict[str, float] = {}
         self._touched: dict[Digest, float] = {}
         self._images: _Flights[int | None] = _Flights()
         self._blobs: _Flights[Blob | None] = _Flights()
@@ -345,7 +361,7 @@ class RegistryEndpoint:
             return error(404, "MANIFEST_UNKNOWN", f"manifest is {blob.media_type}, not in Accept")
         cache_name = tagged.cache.name if tagged and tagged.cache else None
         work.cache = cache_name or blob.cache
-        self._mark_used(cache_name)
+        self._mark_used(work.cache)
         data = self._read(digest, blob)
         work.served, work.served_cache = len(data), cache_name
         head = {"Content-Type": blob.media_type, "Docker-Content-Digest": str(digest),
@@ -390,6 +406,7 @@ class RegistryEndpoint:
             status = 206
             head["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
         head["Content-Length"] = str(end - start)
+        self._mark_used(None if blob.shared else blob.cache)
         if method == "HEAD":
             return Reply(status, head)
         work.served = end - start
@@ -509,17 +526,11 @@ class RegistryEndpoint:
             pass
 
     def _mark_used(self, cache: str | None) -> None:
-        """Record a hit on a cache, at most once a minute per cache (it is a write)."""
-        if cache is None:
-            return
-        now = time.monotonic()
-        if now - self._used.get(cache, -1e9) < 60:
-            return
-        self._used[cache] = now
-        try:
-            self.caches.mark_used(cache)
-        except NotFoundLocalError:
-            pass
+        """Count a hit on a cache (``Hits`` writes them in batches): every manifest it
+        answers, and every blob that no other cache holds (a layer several caches share
+        says nothing of which one is in use; the pull's manifest does)."""
+        if cache is not None and self.hits is not None:
+            self.hits.hit(cache)
 
     def _tags(self, name: str, ns: str | None) -> Reply:
         self.index.refresh()
