@@ -43,6 +43,7 @@ from builder.imagecache import (
     Settings,
     spec_from_object,
 )
+from builder.matcher import quantity_bytes
 from builder.registry.auth import pull_secret_from_object
 from builder.volume import Volume
 
@@ -131,10 +132,10 @@ def cache_build(ctx: Context, name: str, lease_fd: int, timeout: float | None) -
 
 
 @cache.command("list")
-@output_option("json", "yaml")
+@output_option("wide", "json", "yaml")
 @pass_ctx
 def cache_list(ctx: Context, output: str) -> None:
-    """Every cache: NAME AGE CACHEID PHASE PROGRESS."""
+    """Every cache: NAME AGE CACHEID PHASE PROGRESS (-o wide: LAST-USED HITS too)."""
     caches = ctx.caches.list()
     if output in ("json", "yaml"):
         doc = {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCacheList",
@@ -142,7 +143,7 @@ def cache_list(ctx: Context, output: str) -> None:
         emit_json(doc) if output == "json" else emit_yaml(doc)
         return
     if caches:
-        print_table(caches)
+        print_table(caches, wide=output == "wide")
     else:
         click.echo("No image caches.")
 
@@ -152,8 +153,9 @@ def cache_list(ctx: Context, output: str) -> None:
 @output_option("json", "yaml")
 @pass_ctx
 def cache_get(ctx: Context, name: str, output: str) -> None:
-    """One cache, by name or id; -o yaml prints the ImageCache object with its status."""
-    show(ctx.caches.find(name), output)
+    """One cache, by name or id, with its last use and hits; -o yaml prints the
+    ImageCache object with its status."""
+    show(ctx.caches.find(name), output, wide=True)
 
 
 @cache.command("events")
@@ -461,9 +463,16 @@ def config_get(ctx: Context, output: str) -> None:
 
 @config.command("set")
 @click.argument("key", type=click.Choice(Settings.field_names()))
-@click.argument("value", type=click.IntRange(min=0))
+@click.argument("text", metavar="VALUE")
 @pass_ctx
-def config_set(ctx: Context, key: str, value: int) -> None:
+def config_set(ctx: Context, key: str, text: str) -> None:
+    """Set one setting: a whole number, or for auto_max_bytes a size (200G, 1.5T, 500Gi; 0: no budget)."""
+    if key == "auto_max_bytes":
+        value = quantity_bytes(text, key)
+    elif text.isascii() and text.isdigit() and len(text) <= 18:
+        value = int(text)
+    else:
+        raise ValidationError(f"{key}: {text!r} is not a whole number of 0 or more")
     settings = Settings.load(ctx.home.settings)
     setattr(settings, key, value)
     settings.save(ctx.home.settings)

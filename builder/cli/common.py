@@ -97,12 +97,17 @@ def age(created: str | None) -> str:
     return f"{max(seconds, 0)}s"
 
 
-def print_table(caches: list[ImageCache]) -> None:
+def print_table(caches: list[ImageCache], wide: bool = False) -> None:
     """The cache listing: NAME AGE CACHEID PHASE PROGRESS, as kubectl shows it, and
     STALE: yes when a tag moved since the build, no when the last check found none,
-    - before any check (or with every image pinned by digest)."""
-    header = ("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS", "STALE")
-    rows = [(c.name, age(c.created), c.id, c.phase, f"{c.progress}%", stale_cell(c)) for c in caches]
+    - before any check (or with every image pinned by digest). ``wide`` adds how long
+    ago each was last used and how many hits ``imc serve`` recorded."""
+    header: tuple[str, ...] = ("NAME", "AGE", "CACHEID", "PHASE", "PROGRESS", "STALE")
+    rows: list[tuple[str, ...]] = [(c.name, age(c.created), c.id, c.phase, f"{c.progress}%", stale_cell(c))
+                                   for c in caches]
+    if wide:
+        header += ("LAST-USED", "HITS")
+        rows = [(*row, age(c.last_used), str(c.hit_count)) for row, c in zip(rows, caches, strict=True)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for row in [header, *rows]:
         click.echo("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -114,14 +119,15 @@ def stale_cell(cache: ImageCache) -> str:
     return "yes" if cache.stale else "no" if cache.condition(STALE_CONDITION) is not None else "-"
 
 
-def show(cache: ImageCache, output: str) -> None:
-    """One cache as the ImageCache object (json, yaml) or a table row."""
+def show(cache: ImageCache, output: str, wide: bool = False) -> None:
+    """One cache as the ImageCache object (json, yaml) or a table row (``wide``: with
+    its last use and hits)."""
     if output == "json":
         emit_json(cache.to_object())
     elif output == "yaml":
         emit_yaml(cache.to_object())
     else:
-        print_table([cache])
+        print_table([cache], wide=wide or output == "wide")
 
 
 def _use_authfile(ctx: click.Context, param: click.Parameter, value: str | None) -> None:

@@ -145,17 +145,38 @@ def layers_verify(ctx: Context, output: str) -> None:
 
 
 @click.command()
+@click.option("--dry-run", is_flag=True, help="List what would be deleted and why; delete nothing.")
 @output_option("json", "yaml")
 @pass_ctx
-def gc(ctx: Context, output: str) -> None:
-    """Delete expired caches, then remove blobs, volumes and partial downloads nothing needs."""
-    report = ctx.caches.gc()
+def gc(ctx: Context, dry_run: bool, output: str) -> None:
+    """Delete expired caches and the automatic caches over auto_max_bytes, then remove
+    blobs, volumes and partial downloads nothing needs."""
+    report = ctx.caches.gc(dry_run=dry_run)
     if output != "table":
-        emit({"cachesDeleted": report.deleted, "blobsRemoved": report.blobs_removed,
-              "bytesFreed": report.bytes_freed, "partialsRemoved": report.partials_removed,
-              "volumesRemoved": report.volumes_removed}, output)
+        doc = {"dryRun": dry_run, "cachesDeleted": report.deleted,
+               "caches": [{"name": r.name, "id": r.id, "cause": r.cause, "reason": r.reason, "bytes": r.bytes}
+                          for r in report.retired],
+               "blobsRemoved": report.blobs_removed, "bytesFreed": report.bytes_freed,
+               "partialsRemoved": report.partials_removed, "volumesRemoved": report.volumes_removed}
+        if dry_run:
+            doc["volumeFiles"] = [{"path": path, "bytes": size} for path, size in report.volume_files]
+            doc["blobs"] = [{"digest": digest, "bytes": size} for digest, size in report.blobs]
+        emit(doc, output)
         return
-    for name in report.deleted:
+    if dry_run:
+        for r in report.retired:
+            click.echo(f"would delete image cache {r.name} ({human(r.bytes)}): {r.reason}")
+        for path, size in report.volume_files:
+            click.echo(f"would remove orphan volume file {path} ({human(size)})")
+        for digest, size in report.blobs:
+            click.echo(f"would remove blob {digest} ({human(size)}): no image, cache or recent pull needs it")
+        freed = sum(r.bytes for r in report.retired) + sum(s for _, s in report.volume_files) + report.bytes_freed
+        click.echo(f"would free {human(freed)}: {len(report.retired)} caches, {report.volumes_removed} orphan "
+                   f"volume files, {report.blobs_removed} blobs; nothing was deleted")
+        return
+    for r in report.retired:
+        click.echo(f"deleted image cache {r.name}: {r.reason}")
+    for name in sorted(set(report.deleted) - {r.name for r in report.retired}):
         click.echo(f"deleted expired image cache {name}")
     click.echo(f"removed {report.blobs_removed} blobs ({human(report.bytes_freed)}), "
                f"{report.volumes_removed} volume files and {report.partials_removed} partial downloads")
