@@ -140,6 +140,12 @@ class TransportError(ImcError):
         self.temporary = temporary
 
 
+class ConnectError(TransportError):
+    """No exchange could start: the host refused or could not be resolved, connecting
+    timed out, or the connection ended before any answer. The host is unreachable, not
+    merely slow; ``imc serve --pull-through`` backs off from it for a while."""
+
+
 class TLSError(TransportError):
     """TLS failed: an unverifiable certificate or a broken handshake (never temporary)."""
 

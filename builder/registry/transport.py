@@ -25,7 +25,7 @@ import requests.adapters
 import urllib3
 
 from builder import __version__
-from builder.errors import AuthError, NotFoundError, RegistryError, TLSError, TransportError
+from builder.errors import AuthError, ConnectError, NotFoundError, RegistryError, TLSError, TransportError
 from builder.registry.auth import Challenge, Credentials, Keychain, TokenCache, parse_challenges
 from builder.registry.hosts import HostPolicy, Transport
 from builder.registry.retry import Retrier, RetryPolicy
@@ -70,10 +70,10 @@ _TRANSLATIONS: tuple[tuple[type[BaseException], Callable[[str, BaseException, st
     (ssl.SSLError, _tls),
     (requests.exceptions.SSLError, _tls),
     # A name that does not resolve will not start to on a retry.
-    (socket.gaierror, lambda host, e, hint: TransportError(f"cannot resolve registry host {host}", temporary=False)),
-    (ConnectionRefusedError, lambda host, e, hint: TransportError(f"cannot connect to {host}: connection refused")),
+    (socket.gaierror, lambda host, e, hint: ConnectError(f"cannot resolve registry host {host}", temporary=False)),
+    (ConnectionRefusedError, lambda host, e, hint: ConnectError(f"cannot connect to {host}: connection refused")),
     (urllib3.exceptions.ConnectTimeoutError,
-     lambda host, e, hint: TransportError(f"cannot connect to {host}: connection timed out")),
+     lambda host, e, hint: ConnectError(f"cannot connect to {host}: connection timed out")),
     (TimeoutError, lambda host, e, hint: TransportError(f"{host} did not answer in time (read timeout)")),
     (urllib3.exceptions.ReadTimeoutError,
      lambda host, e, hint: TransportError(f"{host} did not answer in time (read timeout)")),
@@ -88,7 +88,9 @@ def translate(error: requests.exceptions.RequestException, host: str, hint: str 
         if cause is not None:
             return make(host, cause, hint)
     if isinstance(error, requests.exceptions.ConnectionError):
-        return TransportError(f"connection to {host} failed: {type(error).__name__}")
+        # Raised before any answer came (no route, reset or closed on connecting): a
+        # body cut later is read elsewhere and is a TransportError.
+        return ConnectError(f"connection to {host} failed: {type(error).__name__}")
     return TransportError(f"request to {host} failed: {type(error).__name__}")
 
 
