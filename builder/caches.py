@@ -53,7 +53,7 @@ from builder.imagecache import (
 )
 from builder.oci import Platform
 from builder.pull import DEFAULT_CONCURRENCY
-from builder.records import CacheDB, Ranked
+from builder.records import CacheDB, Ranked, TagResolution
 from builder.registry.auth import SecretStore
 from builder.retirement import Retirement, expired, expiring_soon, over_budget, warn_expiring
 from builder.store import Store
@@ -467,6 +467,15 @@ class Caches:
         except _Expired:
             self._expire(expired[0], now, unused)
             raise NotFoundLocalError(f"image cache {name!r} does not exist (it expired and is deleted)") from None
+
+    def record_resolution(self, registry: str, repository: str, tag: str, digest: Digest, media_type: str) -> None:
+        """Remember what an upstream answered for a tag just now (``imc serve --pull-through``)."""
+        self._db.record_resolution(TagResolution(registry, repository, tag, str(digest), media_type,
+                                                 rfc3339(self.clock()) or ""))
+
+    def resolution(self, registry: str | None, repository: str, tag: str) -> TagResolution | None:
+        """The last digest pull-through resolved for a tag at ``registry`` (None: any upstream)."""
+        return self._db.resolution(registry, repository, tag)
 
     def import_volume(self, name: str, spec: CacheSpec, write: Callable[[Path], ImportedVolume],
                       cache_id: str | None = None) -> ImageCache:

@@ -47,6 +47,18 @@ class Ranked(NamedTuple):
     held: int
 
 
+class TagResolution(NamedTuple):
+    """What an upstream answered for a tag, when pull-through last asked: the digest of
+    the manifest or index it named, that manifest's media type, and the time (RFC 3339)."""
+
+    registry: str
+    repository: str
+    tag: str
+    digest: str
+    media_type: str
+    resolved: str
+
+
 class CacheDB:
     """Cache records in SQLite (``caches.db``): JSON documents keyed by name and id."""
 
@@ -62,6 +74,11 @@ class CacheDB:
             db.execute("CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 0), "
                        "n INTEGER NOT NULL)")
             db.execute("INSERT OR IGNORE INTO revision VALUES (0, 0)")
+            # Tag resolutions pull-through got from its upstreams: what ``imc serve`` answers
+            # for such a tag while the upstream cannot (serving stale), or offline.
+            db.execute("CREATE TABLE IF NOT EXISTS upstream_tags (registry TEXT NOT NULL, repository TEXT NOT NULL, "
+                       "tag TEXT NOT NULL, digest TEXT NOT NULL, media_type TEXT NOT NULL, resolved TEXT NOT NULL, "
+                       "PRIMARY KEY (registry, repository, tag)) WITHOUT ROWID")
             exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='match_index'").fetchone()
         if not exists:
             self._create_match_index()
@@ -220,3 +237,21 @@ class CacheDB:
             self._bump(db)
             db.execute("DELETE FROM match_index WHERE name=?", (name,))
             return ImageCache.from_doc(json.loads(row[0]))
+
+    # -- tag resolutions from pull-through upstreams -------------------------------------
+
+    def record_resolution(self, resolution: TagResolution) -> None:
+        """Keep the latest resolution of one (registry, repository, tag)."""
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO upstream_tags VALUES (?, ?, ?, ?, ?, ?)", resolution)
+
+    def resolution(self, registry: str | None, repository: str, tag: str) -> TagResolution | None:
+        """The latest resolution of a tag: at ``registry``, or (None) at any upstream."""
+        with self._connect() as db:
+            if registry is None:
+                row = db.execute("SELECT * FROM upstream_tags WHERE repository=? AND tag=? ORDER BY resolved DESC "
+                                 "LIMIT 1", (repository, tag)).fetchone()
+            else:
+                row = db.execute("SELECT * FROM upstream_tags WHERE registry=? AND repository=? AND tag=?",
+                                 (registry, repository, tag)).fetchone()
+        return TagResolution(*row) if row else None
