@@ -68,6 +68,12 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.option("--upstream", "upstreams", multiple=True, metavar="HOST[:PORT]",
               help="A registry pull-through may connect to (repeatable, or comma-separated). A request's "
                    "?ns= must name one exactly; without ?ns= the first is used.")
+@click.option("--stale-if-error/--no-stale-if-error", default=True, show_default=True,
+              help="When an upstream cannot answer for a tag pull-through resolved before (unreachable, timed "
+                   "out, 5xx, 404), serve the digest it last resolved, from the store; else pass the error on.")
+@click.option("--offline", is_flag=True,
+              help="Never contact an upstream: serve the caches, the store's images and the tags pull-through "
+                   "recorded, nothing else.")
 @click.option("--sweep-interval", type=float, default=3600.0, show_default=True,
               help="Seconds between sweeps of expired caches (0: never).")
 @click.option("--drift-interval", type=_Duration(), default=str(int(DRIFT_INTERVAL)), show_default="10m",
@@ -89,8 +95,8 @@ def _interrupt(signum: int, frame: object) -> None:
 @registry_options
 @pass_ctx
 def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, upstreams: tuple[str, ...],
-          sweep_interval: float, drift_interval: float, api_token_file: Path | None, tls_cert: Path | None,
-          tls_key: Path | None, max_connections: int,
+          stale_if_error: bool, offline: bool, sweep_interval: float, drift_interval: float,
+          api_token_file: Path | None, tls_cert: Path | None, tls_key: Path | None, max_connections: int,
           log_level: str, log_format: str, plain_http: tuple[str, ...], insecure: tuple[str, ...],
           ca_file: str | None, pull_secrets: tuple[str, ...]) -> None:
     """Serve pulls from the caches (read-only OCI registry) and the ImageCache API.
@@ -101,7 +107,8 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
     - the registry endpoint opens no connection, unless --pull-through is given;
       then a miss is fetched from the --upstream registries and only those: a ?ns=
       naming any other registry is answered 404 at once, and a redirect from a public
-      upstream to a loopback, link-local or private address is refused;
+      upstream to a loopback, link-local or private address is refused; with
+      --offline, no connection at all;
     - the ImageCache API builds the caches it is sent, pulling their images from
       the registries they name (as imc cache create does); with --api-token-file,
       only for clients that bear its token.
@@ -112,7 +119,7 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
     address = parse_listen(listen, allow_remote)
     listed = [e for item in upstreams for part in item.split(",") for e in sorted(parse_endpoint_list(part))]
     puller = None
-    if pull_through:
+    if pull_through and not offline:
         if not listed:
             raise ValidationError("--pull-through needs --upstream HOST[:PORT]: the registries it may pull from "
                                   "(a client of imc serve must not choose where it connects)")
@@ -123,7 +130,8 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
         raise ValidationError("--tls-cert and --tls-key go together: give both, or neither")
     tls = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
     server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token,
-                    max_connections=max_connections, drift_interval=drift_interval, tls=tls)
+                    max_connections=max_connections, drift_interval=drift_interval, tls=tls,
+                    stale_if_error=stale_if_error, offline=offline)
     configure_log(log_level, log_format)
     signal.signal(signal.SIGTERM, _interrupt)
     base = server.url

@@ -440,11 +440,13 @@ class Server:
                  upstreams: Sequence[str] = (), sweep_interval: float = 3600.0, build_workers: int = 2,
                  api_token: str | None = None, max_connections: int = MAX_CONNECTIONS,
                  drift_interval: float = DRIFT_INTERVAL, tls: ssl.SSLContext | None = None,
-                 hits_flush_interval: float = HITS_FLUSH_SECONDS) -> None:
+                 hits_flush_interval: float = HITS_FLUSH_SECONDS, stale_if_error: bool = True,
+                 offline: bool = False) -> None:
         self.caches = caches
         self.metrics = Metrics(stale=self._staleness)
         self.hits = Hits(caches)
-        self.registry = RegistryEndpoint(caches, pull_through, upstreams, hits=self.hits)
+        self.registry = RegistryEndpoint(caches, pull_through, upstreams, hits=self.hits,
+                                         stale_if_error=stale_if_error, offline=offline)
         self.builds = BuildRunner(Builder(caches), workers=build_workers)
         self.api = ImageCacheAPI(caches, self.builds, token=api_token)
         self.sweep_interval = sweep_interval

@@ -11,6 +11,9 @@ on ``GET /metrics`` in the text format, or in OpenMetrics when the scraper asks 
 - ``imc_cache_misses_total{kind}``: requests that were not local, answered 404 or
   fetched upstream with pull-through (a miss belongs to no cache);
 - ``imc_upstream_bytes_total``: bytes pull-through fetched from upstream registries;
+- ``imc_stale_served_total{reason}``: pull-through tags answered with their last
+  resolution because the upstream could not answer (``unreachable``, ``timeout``,
+  ``server_error``, ``not_found``);
 - ``imc_request_duration_seconds{kind}``: a histogram of registry requests, from the
   request head to the last byte of the answer, so a slow transfer shows too;
 - ``imc_http_requests_total{code}``: every answered request, by status code;
@@ -84,6 +87,8 @@ class Metrics:
                                "by kind.", ["kind"], registry=r)
         self._upstream = Counter("imc_upstream_bytes", "Bytes fetched from upstream registries by pull-through.",
                                  registry=r)
+        self._stale_served = Counter("imc_stale_served", "Pull-through tags answered with their last resolution because "
+                              "the upstream could not answer, by reason.", ["reason"], registry=r)
         self._durations = Histogram("imc_request_duration_seconds", "Registry requests, from the request to the "
                                     "last byte of the answer, by kind.", ["kind"], buckets=DURATION_BUCKETS,
                                     registry=r)
@@ -104,6 +109,8 @@ class Metrics:
             self._misses.labels(outcome.kind).inc()
         if outcome.upstream_bytes:
             self._upstream.inc(outcome.upstream_bytes)
+        if outcome.stale:
+            self._stale_served.labels(outcome.stale).inc()
 
     def observe(self, kind: str, seconds: float) -> None:
         """How long one registry request took, to the last byte of its answer."""

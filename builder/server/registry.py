@@ -13,6 +13,14 @@ containerd mirror sends) must name one of them exactly, host and port, or the re
 is answered at once without a connection. Concurrent misses for the same image or
 blob share one upstream fetch.
 
+A tag pull-through resolved is asked of its upstream again on each request (a cache,
+a snapshot, never is), and each answer is recorded (``Caches.record_resolution``).
+When the upstream cannot answer (unreachable, timed out, 5xx, or 404 for a tag it
+served before), the last digest recorded for the tag is served from the store, stale,
+unless the endpoint passes errors through; offline it never asks. After a connection
+failure an upstream is left alone for a while (``UpstreamState``), and whatever is
+not local is answered 503 ``UNAVAILABLE`` at once.
+
 The handler is transport-free: it returns a ``Reply`` whose body is bytes, a file
 extent (which the HTTP layer sends with ``sendfile``), or an iterator of chunks, and
 whose ``outcome`` says what answering did (hit or miss, bytes served, bytes fetched
@@ -24,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
+import math
 import re
 import threading
 import time
@@ -34,17 +44,28 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from builder import reference
-from builder.caches import Caches
+from builder.caches import Caches, TagResolution
 from builder.digest import Digest
-from builder.errors import BadReferenceError, ImcError, ValidationError
-from builder.imagecache import READY, UPDATE_FAILED, UPDATING, ImageCache, Settings
+from builder.errors import (
+    BadReferenceError,
+    ConnectError,
+    DeadlineError,
+    ImcError,
+    NotFoundError,
+    RegistryError,
+    TransportError,
+    ValidationError,
+)
+from builder.imagecache import READY, UPDATE_FAILED, UPDATING, ImageCache, Settings, parse_time
 from builder.matcher import Entry, MatchRequest, rank
 from builder.oci import INDEX_TYPES, MANIFEST_TYPES, Index
 from builder.pull import Puller
+from builder.reference import Reference
 from builder.registry.auth import Keychain
 from builder.registry.hosts import HostPolicy
 from builder.registry.retry import RetryPolicy
 from builder.server.hits import Hits
+from builder.server.upstream import UpstreamState
 from builder.store import Store
 from builder.volume import Volume
 
@@ -58,6 +79,10 @@ PULL_THROUGH_TIMEOUT = (3.0, 60.0)
 """Pull-through answers a waiting client: a few seconds to connect, and few attempts."""
 PULLED_TOUCH_EVERY = 3600.0
 """Seconds between records of a pulled-through blob's use (each is a file write)."""
+RESOLUTION_RECORD_EVERY = 60.0
+"""Seconds between records of an unchanged tag resolution (each is a write)."""
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -70,7 +95,9 @@ class Outcome:
     images); False is a miss (answered 404, or fetched upstream first); None is
     neither (a malformed request). ``served`` is the body bytes sent (None: no body,
     as for a HEAD of a blob), labelled with ``served_cache``, the cache a tag resolved
-    through. ``upstream_bytes`` is what pull-through fetched to answer it.
+    through. ``upstream_bytes`` is what pull-through fetched to answer it. ``stale``
+    says why a tag was answered with its last resolution, the upstream unable to
+    answer (``unreachable``, ``timeout``, ``server_error``, ``not_found``); else None.
     """
 
     kind: str
@@ -79,6 +106,7 @@ class Outcome:
     served: int | None = None
     served_cache: str | None = None
     upstream_bytes: int = 0
+    stale: str | None = None
 
 
 @dataclass
@@ -103,14 +131,17 @@ class _Work:
     upstream: bool = False
     upstream_bytes: int = 0
     refused: bool = False  # pull-through was asked of a registry that is not a listed upstream
+    unavailable: UpstreamState | None = None  # the upstream could not answer for content not held
+    stale: str | None = None
 
     def outcome(self, kind: str, status: int) -> Outcome:
         hit = None
         if status in (200, 206) and not self.upstream:
             hit = True
-        elif status == 404 or self.upstream:
+        elif status in (404, 503) or self.upstream:
             hit = False
-        return Outcome(kind, hit, self.cache if hit else None, self.served, self.served_cache, self.upstream_bytes)
+        return Outcome(kind, hit, self.cache if hit else None, self.served, self.served_cache, self.upstream_bytes,
+                       self.stale if status == 200 else None)
 
 
 def error(status: int, code: str, message: str, detail: object = None) -> Reply:
@@ -291,10 +322,17 @@ def _media_types(store: Store, root: Digest) -> dict[Digest, str]:
 
 class RegistryEndpoint:
     """Answers distribution API requests from the ServeIndex; writes only what
-    pull-through fetched from a listed upstream, into the store."""
+    pull-through fetched from a listed upstream, into the store.
+
+    ``stale_if_error``: a pull-through tag the upstream cannot answer for is served as
+    last resolved (else the error is passed on). ``offline``: no upstream is ever
+    contacted (give no ``pull_through``); the tags pull-through recorded are served.
+    ``clock`` times the upstreams' down windows.
+    """
 
     def __init__(self, caches: Caches, pull_through: Puller | None = None, upstreams: Iterable[str] = (),
-                 hits: Hits | None = None) -> None:
+                 hits: Hits | None = None, stale_if_error: bool = True, offline: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.index = ServeIndex(caches)
         self.hits = hits
         self.caches = caches
@@ -302,9 +340,20 @@ class RegistryEndpoint:
         self.upstreams = tuple(dict.fromkeys(u.lower() for u in upstreams))
         if pull_through is not None and not self.upstreams:
             raise ValidationError("--pull-through needs --upstream HOST[:PORT]: the registries it may pull from")
+        if offline and pull_through is not None:
+            raise ValidationError("offline: no pull-through puller may be given")
+        self.stale_if_error = stale_if_error
+        self.offline = offline
+        self._states = {u: UpstreamState(clock) for u in self.upstreams}
+        self._recorded: dict[tuple[str, str, str], tuple[Digest, float]] = {}
         self._touched: dict[Digest, float] = {}
-        self._images: _Flights[int | None] = _Flights()
-        self._blobs: _Flights[Blob | None] = _Flights()
+        self._images: _Flights[int | ImcError] = _Flights()
+        self._resolving: _Flights[_Resolved | ImcError] = _Flights()
+        self._blobs: _Flights[Blob | ImcError | None] = _Flights()
+
+    def upstream_state(self, registry: str) -> UpstreamState:
+        """The reachability of a listed upstream."""
+        return self._states[registry.lower()]
 
     def handle(self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> Reply:
         if method not in ("GET", "HEAD"):
@@ -331,6 +380,8 @@ class RegistryEndpoint:
             # One answer for every registry that is not listed: nothing about whether it exists.
             reply = error(404, "NAME_UNKNOWN", "not held here, and its registry is not an upstream of this server",
                           {"name": name})
+        elif reply.status == 404 and work.unavailable is not None:
+            reply = _unavailable(work.unavailable)
         reply.outcome = work.outcome(kind[:-1], reply.status)
         return reply
 
@@ -350,6 +401,8 @@ class RegistryEndpoint:
             tagged = self._find_tag(name, ident, ns, work)
             if tagged is None:
                 return error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "tag": ident})
+            if isinstance(tagged, Reply):
+                return tagged
             digest = tagged.digest
         blob = self._find_blob(digest)
         if blob is None and tagged is None and self._pull(name, str(digest), ns, work):
@@ -368,15 +421,113 @@ class RegistryEndpoint:
                 "Content-Length": str(len(data))}
         return Reply(200, head, b"" if method == "HEAD" else data)
 
-    def _find_tag(self, name: str, tag: str, ns: str | None, work: _Work) -> Tagged | None:
+    def _find_tag(self, name: str, tag: str, ns: str | None, work: _Work) -> Tagged | Reply | None:
+        """What a tag names: a cache's answer as it is (a snapshot); offline, what is
+        held (the store's images, the tags pull-through recorded); with pull-through,
+        the upstream's answer for a tag it resolved before or one not held (or the last
+        resolution, stale, when the upstream cannot answer); else the store's image."""
         self.index.refresh()
         found = self.index.lookup_tag(ns, name, tag)
         if found is None:
             self.index.refresh(miss=True)
             found = self.index.lookup_tag(ns, name, tag)
-        if found is None and self._pull(name, tag, ns, work):
-            found = self.index.lookup_tag(ns, name, tag)
-        return found
+        if found is not None and found.cache is not None:
+            return found
+        if self.offline:
+            return found or self._held_resolution(self.caches.resolution(ns, name, tag))
+        listed = self._listed(ns)
+        if listed is None:
+            if found is None:
+                self._registry_for(ns, work)  # marks an unlisted ns refused
+            return found
+        recorded = self.caches.resolution(listed, name, tag)
+        if found is not None and recorded is None:
+            return found  # imc pull put it in the store: it is served as it is
+        return self._through(listed, name, tag, recorded, work)
+
+    def _held_resolution(self, recorded: TagResolution | None) -> Tagged | None:
+        """A recorded resolution whose content is all in the store, as a tag to serve."""
+        if recorded is None:
+            return None
+        digest = Digest.parse(recorded.digest)
+        store = self.caches.store
+        if not all(store.has(d) for d in store.closure(digest)):
+            return None
+        return Tagged(recorded.registry, recorded.repository, recorded.tag, digest, None)
+
+    def _through(self, registry: str, name: str, tag: str, recorded: TagResolution | None,
+                 work: _Work) -> Tagged | Reply | None:
+        """Ask ``registry`` what the tag names now and fetch what is new; if it cannot
+        answer, serve the last resolution when allowed (and held), else its error."""
+        stale = self._held_resolution(recorded) if self.stale_if_error else None
+        state = self._states[registry]
+        if not state.admit():
+            if stale is not None and recorded is not None:
+                return self._stale(recorded, stale, f"upstream down ({state.reason}), next try in "
+                                   f"{math.ceil(state.retry_after())} s", "unreachable", work)
+            return _unavailable(state)
+        try:
+            ref = reference.parse(f"{registry}/{name}:{tag}")
+        except BadReferenceError:
+            state.reached()  # no contact made: the probe ends here
+            return None
+
+        probe = state.down
+
+        def resolve() -> _Resolved | ImcError:
+            try:
+                return self._resolve(ref, stale, probe)
+            except ImcError as e:
+                return e
+
+        result, led = self._resolving.run((registry, name, tag), resolve)
+        _report(state, result)
+        if isinstance(result, ImcError):
+            reason = _stale_reason(result, recorded is not None)
+            if reason is not None and stale is not None and recorded is not None:
+                return self._stale(recorded, stale, result.message, reason, work)
+            if reason is not None and reason != "not_found":
+                work.unavailable = state
+                log.warning("pull-through of %s failed: %s", ref, result.message)
+            return None
+        if result.pulled:
+            work.upstream = True
+            if led:
+                work.upstream_bytes += result.fetched
+        key = (registry, name, tag)
+        now = time.monotonic()
+        last = self._recorded.get(key)
+        if last is None or last[0] != result.digest or now - last[1] >= RESOLUTION_RECORD_EVERY:
+            self.caches.record_resolution(registry, name, tag, result.digest, result.media_type)
+            self._recorded[key] = (result.digest, now)
+        return Tagged(registry, name, tag, result.digest, None)
+
+    def _resolve(self, ref: Reference, held: Tagged | None, probe: bool) -> _Resolved:
+        """What ``ref`` names upstream now, fetched into the store if it is new. With
+        content ``held`` for the tag, one try to ask: a client waits, and the held content
+        answers it if the upstream does not; a ``probe`` tries once too."""
+        assert self.pull_through is not None and ref.tag is not None
+        store = self.caches.store
+        if held is not None:
+            quick = self._bounded(self.pull_through, once=True)
+            fetched = quick.registry(ref.api_host).get_manifest(ref.repository, ref.tag)
+            if fetched.digest == held.digest:
+                return _Resolved(held.digest, store.manifest(held.digest).media_type, False, 0)
+        result = self._bounded(self.pull_through, once=probe).pull([ref])
+        image = result.images[0]
+        top = image.index_digest or image.descriptor.digest
+        self.index.refresh(force=True)
+        return _Resolved(top, store.manifest(top).media_type, True, result.bytes_fetched)
+
+    def _stale(self, recorded: TagResolution, held: Tagged, why: str, reason: str, work: _Work) -> Tagged:
+        """Answer a tag with its last resolution because the upstream could not: logged, counted."""
+        resolved = parse_time(recorded.resolved)
+        age = _age(self.caches.clock() - resolved) if resolved else "an unknown time"
+        log.warning("serving %s/%s:%s stale as %s, resolved %s ago: %s", recorded.registry, recorded.repository,
+                    recorded.tag, recorded.digest, age, why)
+        work.stale = reason
+        return held
+
 
     # -- blobs -----------------------------------------------------------------------
 
@@ -431,6 +582,14 @@ class RegistryEndpoint:
 
     # -- pull-through and bookkeeping ---------------------------------------------------
 
+    def _listed(self, ns: str | None) -> str | None:
+        """The upstream a request maps to (``ns``, or the first listed), if pull-through may use it."""
+        if self.pull_through is None:
+            return None
+        if ns is None:
+            return self.upstreams[0]
+        return ns.lower() if ns.lower() in self.upstreams else None
+
     def _registry_for(self, ns: str | None, work: _Work) -> str | None:
         """The upstream to pull a miss from: ``ns`` if it is a listed upstream, else
         (no ``ns``) the first listed one; None when there is no pull-through, or when
@@ -444,30 +603,37 @@ class RegistryEndpoint:
         work.refused = True
         return None
 
-    def _pull(self, name: str, ident: str, ns: str | None, work: _Work) -> bool:
-        """Pull a missed image into the store (pull-through); True if it is now there.
-        Concurrent misses for the same image wait for one pull."""
+    def _pull(self, name: str, digest: str, ns: str | None, work: _Work) -> bool:
+        """Pull a missed manifest (by digest) into the store; True if it is now there.
+        Concurrent misses for the same one wait for one pull."""
         registry = self._registry_for(ns, work)
         if registry is None or self.pull_through is None:
             return False
-        sep = "@" if ident.startswith(("sha256:", "sha512:")) else ":"
         try:
-            ref = reference.parse(f"{registry}/{name}{sep}{ident}")
+            ref = reference.parse(f"{registry}/{name}@{digest}")
         except BadReferenceError:
             return False
         puller = self.pull_through
+        state = self._states[registry]
         work.upstream = True
+        if not state.admit():
+            work.unavailable = state
+            return False
+        probe = state.down
 
-        def pull() -> int | None:
+        def pull() -> int | ImcError:
             try:
-                fetched = self._bounded(puller).pull([ref]).bytes_fetched
-            except ImcError:
-                return None
+                fetched = self._bounded(puller, once=probe).pull([ref]).bytes_fetched
+            except ImcError as e:
+                return e
             self.index.refresh(force=True)
             return fetched
 
-        fetched, led = self._images.run((registry, name, ident), pull)
-        if fetched is None:
+        fetched, led = self._images.run((registry, name, digest), pull)
+        _report(state, fetched)
+        if isinstance(fetched, ImcError):
+            if _stale_reason(fetched, False) is not None:
+                work.unavailable = state
             return False
         if led:
             work.upstream_bytes += fetched
@@ -482,37 +648,50 @@ class RegistryEndpoint:
             return None
         puller = self.pull_through
         store = self.caches.store
+        state = self._states[registry]
         work.upstream = True
+        if not state.admit():
+            work.unavailable = state
+            return None
+        probe = state.down
         fetched = 0
 
-        def fetch() -> Blob | None:
+        def fetch() -> Blob | ImcError | None:
             nonlocal fetched
             try:
-                client = self._bounded(puller).registry(reference.parse(f"{registry}/{name}").api_host)
+                client = self._bounded(puller, once=probe).registry(reference.parse(f"{registry}/{name}").api_host)
                 with store.pinning():
                     size = client.blob_size(name, digest)
                     if store.ensure_blob(digest, size, lambda sink: client.fetch_blob(name, digest, size, sink)):
                         fetched = size
                     store.record_pulled(digest)
-            except ImcError:
-                return None
+            except ImcError as e:
+                return e
             self.index.refresh(force=True)
             return self.index.blobs.get(digest) or Blob(store.size(digest), "", path=store.blob_path(digest),
                                                          pulled=True)
 
         blob, led = self._blobs.run(digest, fetch)
+        _report(state, blob)
+        if isinstance(blob, ImcError):
+            if _stale_reason(blob, False) is not None:
+                work.unavailable = state
+            return None
         if led:
             work.upstream_bytes += fetched
         return blob
 
-    def _bounded(self, puller: Puller) -> Puller:
+    def _bounded(self, puller: Puller, once: bool = False) -> Puller:
         """The puller under this pull-through's bounds, its deadline counted from now, so
-        that a stalled upstream holds a server thread no longer than the settings allow."""
-        return puller.with_retry(pull_through_retry(self.caches.settings))
+        that a stalled upstream holds a server thread no longer than the settings allow.
+        ``once``: a single try, for a probe of a down upstream (which tells whether it is
+        back) and for a tag whose held content answers the client if the upstream does not."""
+        retry = pull_through_retry(self.caches.settings)
+        return puller.with_retry(dataclasses.replace(retry, attempts=1) if once else retry)
 
     def upstream_waiters(self) -> int:
         """Requests waiting right now for a pull-through another request started."""
-        return self._images.waiting + self._blobs.waiting
+        return self._images.waiting + self._resolving.waiting + self._blobs.waiting
 
     def _touch_pulled(self, digest: Digest) -> None:
         """Record a use of a pulled-through blob, at most once an hour (it is a write)."""
@@ -539,6 +718,64 @@ class RegistryEndpoint:
         if not tags:
             return error(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name})
         return Reply(200, {"Content-Type": "application/json"}, json.dumps({"name": name, "tags": tags}).encode())
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """What an upstream named for a tag: the digest and media type of its manifest or
+    index, whether it had to be pulled, and the bytes that pull fetched."""
+
+    digest: Digest
+    media_type: str
+    pulled: bool
+    fetched: int
+
+
+def _stale_reason(e: ImcError, served_before: bool) -> str | None:
+    """Why an upstream failure lets a tag be served stale (the metric's label), or None
+    when the upstream answered and meant it: a refusal, bad content, a local failure.
+    A 404 counts only for a tag the upstream served before."""
+    if isinstance(e, NotFoundError):
+        return "not_found" if served_before else None
+    if isinstance(e, ConnectError):
+        return "unreachable"
+    if isinstance(e, DeadlineError) or (isinstance(e, TransportError) and e.temporary):
+        return "timeout"
+    if isinstance(e, RegistryError) and e.status is not None and e.status >= 500:
+        return "server_error"
+    return None
+
+
+def _report(state: UpstreamState, outcome: object) -> None:
+    """Tell ``state`` whether the upstream could be reached, from what contacting it gave."""
+    if isinstance(outcome, ConnectError):
+        state.unreachable(outcome.message)
+    else:
+        state.reached()
+
+
+def _unavailable(state: UpstreamState) -> Reply:
+    """The answer for content not held while its upstream cannot answer: 503
+    ``UNAVAILABLE``, and when the upstream is down, when it will be tried again."""
+    reply = error(503, "UNAVAILABLE", "not held here, and the upstream registry cannot be reached"
+                  if state.down else "not held here, and the upstream registry could not answer",
+                  {"reason": state.reason} if state.down else None)
+    if state.down:
+        reply.headers["Retry-After"] = str(max(1, math.ceil(state.retry_after())))
+    return reply
+
+
+def _age(delta: dt.timedelta) -> str:
+    """``3d4h``, ``2h5m``, ``4m10s``, ``12s``: how long ago, to the two largest units."""
+    seconds = max(int(delta.total_seconds()), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 class _Flights(Generic[T]):

@@ -186,10 +186,11 @@ def test_pull_through_on_a_miss_stores_and_serves(tmp_path: Path, upstream: CutP
         manifest = catalogue["images"]["fixtures/app:2.0"]["manifests"][0]
         assert sha256(dest / "manifest.json") == manifest["digest"]
         assert [i.name for i in caches.store.images()] == [f"{upstream.host}/fixtures/app:2.0"]
-        # A second pull is a hit: served from the store, nothing upstream.
+        # A second pull asks the upstream what the tag names now, and fetches nothing more.
         before = len(upstream.requests)
         assert skopeo_copy(server, "fixtures/app:2.0", tmp_path / "again").returncode == 0
-        assert len(upstream.requests) == before
+        asked = [r.split("\r\n")[0] for r in upstream.requests[before:]]
+        assert asked and all(r.startswith("GET /v2/fixtures/app/manifests/2.0 ") for r in asked), asked
     finally:
         server.stop()
 

@@ -4,7 +4,8 @@
 blobs of one repository) over HTTP/1.1 with Content-Length, on 127.0.0.1 and a port
 the OS picks. Each request path can be scripted to misbehave: answer with an error
 status a number of times, cut a blob short and drop the connection (``Truncate``) or
-reset it (``Reset``: a TCP RST), stop sending mid-body (``Stall``), send the body a
+reset it (``Reset``: a TCP RST), reset it before any answer (``Abort``: what a load
+balancer with no backend left does), stop sending mid-body (``Stall``), send the body a
 byte at a time (``Trickle``), send corrupt bytes
 or a wrong ``Docker-Content-Digest``, redirect to another server, ignore ``Range``,
 or wait for a test's signal. Every request is recorded (method, path, headers, and
@@ -144,6 +145,12 @@ class Reset:
 
 
 @dataclass(frozen=True)
+class Abort:
+    """Reset the connection (TCP RST) without answering: the request is recorded, so
+    a test counts the connections a client made to a host it cannot reach."""
+
+
+@dataclass(frozen=True)
 class Stall:
     """Send the headers and ``after`` body bytes, then nothing until ``event`` is set
     (at most ``timeout`` seconds), then close: a server that stops answering mid-body."""
@@ -163,8 +170,8 @@ class Trickle:
     every: float
 
 
-Fault = (Status | Truncate | Corrupt | WrongDigest | NoDigest | IgnoreRange | NoLength | Redirect | Hold | Reset | Stall
-         | Trickle)
+Fault = (Status | Truncate | Corrupt | WrongDigest | NoDigest | IgnoreRange | NoLength | Redirect | Hold | Reset | Abort
+         | Stall | Trickle)
 
 
 # -- records and content -----------------------------------------------------------------
@@ -462,6 +469,12 @@ class FaultServer:
         if isinstance(fault, Hold):
             fault.event.wait(fault.timeout)
             fault = None
+        if isinstance(fault, Abort):
+            h.close_connection = True
+            sock = socket.socket(fileno=h.connection.detach())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            return
         if isinstance(fault, Status):
             if fault.body is not None:
                 self._send(h, method, fault.code, fault.body, dict(fault.headers))

@@ -21,7 +21,8 @@ LAYERS = [
     "store", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "records", "retirement",
     "caches", "build", "drift",
     "artifact", "matcher",
-    "server.accesslog", "server.hits", "server.registry", "server.metrics", "server.patch", "server.discovery", "server.api", "server.app",
+    "server.accesslog", "server.hits", "server.upstream", "server.registry", "server.metrics", "server.patch",
+    "server.discovery", "server.api", "server.app",
     "cli",
 ]
 

@@ -408,7 +408,7 @@ def test_pull_through_refuses_a_redirect_from_a_public_upstream_to_a_private_add
 
 def test_a_stalled_upstream_blob_is_given_up_after_the_stall_limit(caches: Caches, upstream: FaultServer) -> None:
     """The upstream answers the blob GET with its headers, then nothing for ten minutes; with
-    ``pull_stall_seconds`` at 1 the request is answered 404 long before that."""
+    ``pull_stall_seconds`` at 1 the request is answered 503 long before that."""
     Settings(pull_stall_seconds=1).save(caches.home.settings)
     layer = tar_gz("f", bytes(range(256)) * 400)
     digest = upstream.add_blob(layer).digest
@@ -418,7 +418,7 @@ def test_a_stalled_upstream_blob_is_given_up_after_the_stall_limit(caches: Cache
     upstream.always(upstream.blob_path(digest), Stall(never, timeout=600))  # every GET: headers, then nothing
     try:
         reply = get(pulling(caches, upstream.endpoint), f"/v2/test/app/blobs/{digest}")
-        assert (reply.status, code(reply)) == (404, "BLOB_UNKNOWN")
+        assert (reply.status, code(reply)) == (503, "UNAVAILABLE")  # not held, and the upstream did not answer
         assert upstream.count(upstream.blob_path(digest)) == 1  # gave up on the first stall, no retry
         assert not caches.store.has(Digest.parse(digest))
     finally:
@@ -427,14 +427,14 @@ def test_a_stalled_upstream_blob_is_given_up_after_the_stall_limit(caches: Cache
 
 def test_a_pull_through_ends_at_the_deadline(caches: Caches, upstream: FaultServer) -> None:
     """The upstream holds the manifest request for ten minutes; with
-    ``pull_timeout_seconds`` at 1 the request is answered 404 long before that."""
+    ``pull_timeout_seconds`` at 1 the request is answered 503 long before that."""
     Settings(pull_timeout_seconds=1).save(caches.home.settings)
     upstream.add_image([tar_gz("g", b"held")], tag="held")
     never = threading.Event()
     upstream.always(upstream.manifest_path("held"), Hold(never, timeout=600))
     try:
         reply = get(pulling(caches, upstream.endpoint), "/v2/test/app/manifests/held")
-        assert (reply.status, code(reply)) == (404, "MANIFEST_UNKNOWN")
+        assert (reply.status, code(reply)) == (503, "UNAVAILABLE")
         assert upstream.count(upstream.manifest_path("held")) == 1  # no attempt after the deadline
     finally:
         never.set()
