@@ -87,8 +87,8 @@ class Metrics:
                                "by kind.", ["kind"], registry=r)
         self._upstream = Counter("imc_upstream_bytes", "Bytes fetched from upstream registries by pull-through.",
                                  registry=r)
-        self._stale_served = Counter("imc_stale_served", "Pull-through tags answered with their last resolution because "
-                              "the upstream could not answer, by reason.", ["reason"], registry=r)
+        self._stale_served = Counter("imc_stale_served", "Pull-through tags answered with their last resolution "
+                                     "because the upstream could not answer, by reason.", ["reason"], registry=r)
         self._durations = Histogram("imc_request_duration_seconds", "Registry requests, from the request to the "
                                     "last byte of the answer, by kind.", ["kind"], buckets=DURATION_BUCKETS,
                                     registry=r)
