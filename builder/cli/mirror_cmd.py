@@ -78,9 +78,10 @@ class ContainerdOptions:
 
 
 def containerd_hosts_toml(registry: str, server: str, insecure: bool = False,
-                          options: ContainerdOptions | None = None) -> str:
+                          options: ContainerdOptions | None = None, plain_http: bool = False) -> str:
     """``/etc/containerd/certs.d/<registry>/hosts.toml``: imc serve first, the registry
-    itself (``server``) for everything imc serve does not hold or when it is down.
+    itself (``server``, ``http://`` when ``plain_http``) for everything imc serve does
+    not hold or when it is down.
     ``_default`` is the namespace containerd uses for every registry without its own
     directory: it has no ``server`` line, so containerd falls back to the image's own registry."""
     options = options or ContainerdOptions()
@@ -91,7 +92,8 @@ def containerd_hosts_toml(registry: str, server: str, insecure: bool = False,
     if registry != DEFAULT_NAMESPACE:
         registry = _registry(registry)
         lines[0] = f"# {CONFIG_DIR}/{registry}/hosts.toml"
-        upstream = f"https://{DOCKER_HUB_API}" if registry == DOCKER_HUB else f"https://{registry}"
+        upstream = f"https://{DOCKER_HUB_API}" if registry == DOCKER_HUB else \
+            f"{'http' if plain_http else 'https'}://{registry}"
         lines += [f'server = "{upstream}"', ""]
     capabilities = '["pull"]' if options.pull_only else '["pull", "resolve"]'
     lines += [f'[host."{scheme}://{address}"]', f"  capabilities = {capabilities}"]
@@ -125,15 +127,17 @@ def docker_daemon_json(registry: str, server: str, insecure: bool = False) -> st
     return json.dumps(doc, indent=2) + "\n"
 
 
-def podman_registries_conf(registry: str, server: str, insecure: bool = False) -> str:
+def podman_registries_conf(registry: str, server: str, insecure: bool = False, plain_http: bool = False) -> str:
     """A ``registries.conf`` snippet (v2 format): imc serve as the registry's mirror;
-    ``insecure`` for plain HTTP, which Podman otherwise refuses."""
+    ``insecure`` for plain HTTP (the mirror's, or with ``plain_http`` the registry's),
+    which Podman otherwise refuses."""
     registry = _registry(registry)
     scheme, address = parse_server(server)
     lines = [
         "# /etc/containers/registries.conf.d/imc.conf (or append to /etc/containers/registries.conf)",
         "[[registry]]",
         f'location = "{registry}"',
+        *(["insecure = true"] if plain_http else []),
         "",
         "[[registry.mirror]]",
         f'location = "{address}"',
@@ -146,32 +150,43 @@ def podman_registries_conf(registry: str, server: str, insecure: bool = False) -
 GENERATORS = {"containerd": containerd_hosts_toml, "docker": docker_daemon_json, "podman": podman_registries_conf}
 
 
-def upstream_flags(registries: list[str]) -> str:
+def upstream_flags(registries: list[str], plain_http: frozenset[str] = frozenset()) -> str:
     """The ``imc serve`` flags that let pull-through fetch what these registries' mirrors miss."""
-    return " ".join(f"--upstream {_registry(r)}" for r in registries)
+    upstreams = [_registry(r) for r in registries]
+    return " ".join([f"--upstream {r}" for r in upstreams] + [f"--plain-http {r}" for r in upstreams if r in plain_http])
 
 
 def mirror_configs(runtime: str, registries: list[str], server: str, insecure: bool = False,
-                   options: ContainerdOptions | None = None, every_registry: bool = False) -> str:
-    """The snippets for every registry, in one text (Docker's in one daemon.json)."""
+                   options: ContainerdOptions | None = None, every_registry: bool = False,
+                   plain_http: frozenset[str] = frozenset()) -> str:
+    """The snippets for every registry, in one text (Docker's in one daemon.json).
+    ``plain_http``: the registries among ``registries`` that speak plain HTTP."""
     if runtime != "containerd" and (options is not None or every_registry):
         raise ValidationError("--ca-file, --dial-timeout, --pull-only and --every-registry are containerd's: "
                               "use them with --containerd")
+    named = {_registry(r) for r in registries}
+    for endpoint in sorted(plain_http):
+        if _registry(endpoint) not in named:
+            raise ValidationError(f"--plain-http {endpoint}: not a --registry of this configuration")
+        if _registry(endpoint) == DOCKER_HUB:
+            raise ValidationError(f"--plain-http {endpoint}: Docker Hub is reached over HTTPS only")
+    plain = frozenset(_registry(e) for e in plain_http)
     if runtime == "docker":
         if len({_registry(r) for r in registries}) != 1:
             raise ValidationError("Docker's registry-mirrors apply only to Docker Hub: use --containerd or --podman "
                                   "to mirror several registries")
         return docker_daemon_json(registries[0], server, insecure)
     if runtime == "podman":
-        parts = [podman_registries_conf(r, server, insecure) for r in registries]
+        parts = [podman_registries_conf(r, server, insecure, _registry(r) in plain) for r in registries]
         text = parts[0] + "".join("\n" + p.split("\n", 1)[1] for p in parts[1:])  # one file: one header
     else:
         namespaces = registries + [DEFAULT_NAMESPACE] if every_registry else registries
-        text = "\n".join(containerd_hosts_toml(r, server, insecure, options) for r in namespaces) + "\n" + CONTAINERD_CONFIG
+        text = "\n".join(containerd_hosts_toml(r, server, insecure, options, r != DEFAULT_NAMESPACE and _registry(r) in plain)
+                         for r in namespaces) + "\n" + CONTAINERD_CONFIG
     if not registries:
         return text + "# pull-through: imc serve --pull-through --upstream REGISTRY for each registry it may fetch from\n"
     separator = "" if runtime == "containerd" else "\n"
-    return text + f"{separator}# pull-through from the same registries: imc serve --pull-through {upstream_flags(registries)}\n"
+    return text + f"{separator}# pull-through from the same registries: imc serve --pull-through {upstream_flags(registries, plain)}\n"
 
 
 @click.command("mirror-config")
@@ -184,6 +199,9 @@ def mirror_configs(runtime: str, registries: list[str], server: str, insecure: b
 @click.option("--server", default=DEFAULT_SERVER, show_default=True, metavar="ADDR",
               help="Where imc serve listens: host:port (plain HTTP) or https://host:port.")
 @click.option("--insecure", is_flag=True, help="With an https:// --server: do not verify its certificate.")
+@click.option("--plain-http", "plain_http", multiple=True, metavar="LIST",
+              help="Registries among --registry (host or host:port, comma-separated) that speak plain HTTP: "
+                   "containerd's server is http://, Podman's registry insecure.")
 @click.option("--ca-file", metavar="PATH",
               help="containerd: the CA certificate (path on the node) that signed an https:// --server's certificate.")
 @click.option("--dial-timeout", metavar="DURATION",
@@ -194,8 +212,9 @@ def mirror_configs(runtime: str, registries: list[str], server: str, insecure: b
 @click.option("--every-registry", is_flag=True,
               help=f"containerd: also print {CONFIG_DIR}/{DEFAULT_NAMESPACE}/hosts.toml, which sends every "
                    "registry without its own file through imc serve.")
-def mirror_config(runtime: str | None, registries: tuple[str, ...], server: str, insecure: bool, ca_file: str | None,
-                  dial_timeout: str | None, pull_only: bool, every_registry: bool) -> None:
+def mirror_config(runtime: str | None, registries: tuple[str, ...], server: str, insecure: bool,
+                  plain_http: tuple[str, ...], ca_file: str | None, dial_timeout: str | None, pull_only: bool,
+                  every_registry: bool) -> None:
     """Print the runtime configuration that sends pulls to imc serve first.
 
     What imc serve does not hold, the runtime fetches from the registry as before.
@@ -207,4 +226,5 @@ def mirror_config(runtime: str | None, registries: tuple[str, ...], server: str,
         timeout = DEFAULT_DIAL_TIMEOUT if dial_timeout is None else None if dial_timeout == "0" else dial_timeout
         options = ContainerdOptions(ca_file=ca_file, dial_timeout=timeout, pull_only=pull_only)
     chosen = list(registries) or ([] if every_registry else [DOCKER_HUB])
-    click.echo(mirror_configs(runtime, chosen, server, insecure, options, every_registry), nl=False)
+    click.echo(mirror_configs(runtime, chosen, server, insecure, options, every_registry,
+                              parse_endpoint_list(plain_http)), nl=False)

@@ -1,7 +1,8 @@
 """containerd pulls through ``imc serve`` with the hosts.toml ``imc mirror-config
 --containerd`` prints: a real containerd daemon (private root, state and socket, no
 privileges) and ``ctr images pull --hosts-dir``, with a proxy in front of the registry
-counting what reaches it."""
+counting what reaches it; skopeo reads the registries.conf ``--podman`` prints. The
+harness registry speaks plain HTTP, as ``--plain-http`` says."""
 
 from __future__ import annotations
 
@@ -92,13 +93,13 @@ def server(tmp_path: Path, upstream: CutProxy) -> Iterator[Server]:
 def hosts_dir(tmp_path: Path, registry: str, *args: str) -> Path:
     """Write what ``imc mirror-config --containerd`` prints where ``--hosts-dir`` reads it."""
     result = CliRunner().invoke(cli, ["--home", str(tmp_path / "cli"), "mirror-config", "--containerd",
-                                      "--registry", registry, *args], catch_exceptions=False)
+                                      "--registry", registry, "--plain-http", registry, *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     first = result.output.split("\n\n# containerd reads these files")[0]
+    assert f'server = "http://{registry}"' in first  # the harness registry speaks plain HTTP
     path = tmp_path / "certs.d" / registry / "hosts.toml"
     path.parent.mkdir(parents=True)
-    # The harness registry speaks plain HTTP; a production registry is https:// as printed.
-    path.write_text(first.replace(f'server = "https://{registry}"', f'server = "http://{registry}"'))
+    path.write_text(first)
     return tmp_path / "certs.d"
 
 
@@ -138,3 +139,35 @@ def test_ctr_falls_back_to_the_registry_when_imc_serve_is_down(tmp_path: Path, c
     layers = catalogue["images"][REF]["manifests"][0]["layers"]
     fetched = [r.split()[1] for r in upstream.requests[before:] if r.startswith("GET ") and "/blobs/" in r.split()[1]]
     assert {b["digest"] for b in layers} <= {path.rsplit("/", 1)[1] for path in fetched}
+
+
+def registries_conf(tmp_path: Path, registry: str, server: str, *args: str) -> Path:
+    """What ``imc mirror-config --podman`` prints, in a file skopeo reads as registries.conf."""
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path / "cli"), "mirror-config", "--podman", "--registry",
+                                      registry, "--server", server, *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "registries.conf"
+    path.write_text(result.output)
+    return path
+
+
+def test_skopeo_reads_the_podman_mirror_and_falls_back_to_a_plain_http_registry(
+        tmp_path: Path, upstream: CutProxy, server: Server, catalogue: dict[str, Any]) -> None:
+    image = f"docker://{upstream.host}/{REF}"
+    digest = catalogue["images"][REF]["manifests"][0]["digest"]
+
+    def inspect(conf: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["skopeo", "--registries-conf", str(conf), "inspect", "--no-tags", "--format",
+                               "{{.Digest}}", image], capture_output=True, text=True, timeout=120)
+
+    conf = registries_conf(tmp_path, upstream.host, server.address, "--plain-http", upstream.host)
+    before = len(upstream.requests)
+    out = inspect(conf)
+    assert out.returncode == 0 and out.stdout.strip() == digest, out.stderr
+    assert upstream.requests[before:] == []  # imc serve answered
+    server.stop()
+    out = inspect(conf)  # the mirror is down: the registry answers, over plain HTTP
+    assert out.returncode == 0 and out.stdout.strip() == digest, out.stderr
+    assert len(upstream.requests) > before
+    out = inspect(registries_conf(tmp_path, upstream.host, server.address))
+    assert out.returncode != 0 and "server gave HTTP response to HTTPS client" in out.stderr

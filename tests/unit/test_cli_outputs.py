@@ -107,6 +107,33 @@ def test_podman_registries_conf(tmp_path: Path) -> None:
     assert doc["registry"] == [{"location": "ghcr.io", "mirror": [{"location": "127.0.0.1:5050", "insecure": True}]}]
 
 
+def test_plain_http_registries(tmp_path: Path) -> None:
+    code, out = run(tmp_path, "mirror-config", "--containerd", "--registry", "10.1.2.3:5000", "--registry", "quay.io",
+                    "--plain-http", "10.1.2.3:5000")
+    assert code == 0
+    local, quay = re.split(r"\n(?=# /etc/containerd/certs.d/)", out)
+    assert tomllib.loads(local)["server"] == "http://10.1.2.3:5000"
+    assert tomllib.loads(quay)["server"] == "https://quay.io"
+    assert out.endswith("imc serve --pull-through --upstream 10.1.2.3:5000 --upstream quay.io "
+                        "--plain-http 10.1.2.3:5000\n")
+    code, out = run(tmp_path, "mirror-config", "--podman", "--registry", "10.1.2.3:5000", "--plain-http",
+                    "10.1.2.3:5000", "--server", "https://imc.local:5443")
+    assert code == 0
+    assert tomllib.loads(out)["registry"] == [{"location": "10.1.2.3:5000", "insecure": True,
+                                               "mirror": [{"location": "imc.local:5443"}]}]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--containerd", "--registry", "quay.io", "--plain-http", "ghcr.io"],
+     "--plain-http ghcr.io: not a --registry of this configuration"),
+    (["--docker", "--plain-http", "docker.io"], "--plain-http docker.io: Docker Hub is reached over HTTPS only"),
+])
+def test_plain_http_refuses_what_it_cannot_mean(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path), "mirror-config", *args])
+    assert result.exit_code != 0 and str(result.exception) == message
+    assert result.output == ""
+
+
 def test_mirror_config_needs_a_runtime(tmp_path: Path) -> None:
     code, out = run(tmp_path, "mirror-config")
     assert code == 2 and "--containerd" in out
