@@ -142,18 +142,19 @@ class DriftCheck:
 
     def _ask(self, cache: ImageCache) -> list[TagCheck]:
         tags = []
+        unusable = None
         try:
             puller = cache_puller(self.caches, cache.spec, self.retry)
         except ImcError as e:  # a pull secret the cache names is gone
-            return [TagCheck(i.name, tag_digest(i), error=e.message) for i in cache.images]
+            unusable = e.message
         down: dict[str, str] = {}  # endpoint -> why it could not be reached: not asked again this round
         for image in cache.images:
             ref = parse_reference(image.name)
             if ref.digest is not None:
                 tags.append(TagCheck(image.name, tag_digest(image), pinned=True))
                 continue
-            if ref.api_host in down:
-                tags.append(TagCheck(image.name, tag_digest(image), error=down[ref.api_host]))
+            if unusable is not None or ref.api_host in down:
+                tags.append(TagCheck(image.name, tag_digest(image), error=unusable or down[ref.api_host]))
                 continue
             try:
                 current = puller.registry(ref.api_host).current_digest(ref.repository, ref.identifier)
