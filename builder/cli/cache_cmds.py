@@ -281,6 +281,7 @@ def load_documents(path: str) -> list[Any]:
 @click.option("-f", "--filename", required=True,
               help="YAML or JSON file with ImageCache objects and pull Secrets ('-' for stdin).")
 @click.option("--dry-run", is_flag=True, help="Print what would be created or changed, field by field; change nothing.")
+@authfile_option
 @wait_options
 @pass_ctx
 def apply(ctx: Context, filename: str, dry_run: bool, wait: bool, quiet: bool) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from builder.caches import Caches
 
@@ -149,3 +150,25 @@ def test_cache_build_and_volume_push_pull_use_the_authfile(tmp_path: Path, basic
     assert pulled.returncode == 0, pulled.stderr
     for out in (built, pushed, refused, pulled):
         assert_no_secret(out, basic_registry.password, token_registry.password)
+
+
+def test_apply_builds_with_the_authfile(tmp_path: Path, basic_registry: Any) -> None:
+    reg = basic_registry
+    authfile = auth_file(tmp_path / "auth.json", scoped(reg, "fixtures"))
+    manifest = tmp_path / "caches.yaml"
+
+    def apply(name: str, ref: str) -> subprocess.CompletedProcess[str]:
+        manifest.write_text(yaml.safe_dump({
+            "apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCache",
+            "metadata": {"name": name, "annotations": {"k8s.aliyun.com/plain-http-registry": reg.host}},
+            "spec": {"images": [f"{reg.host}/{ref}"]}}))
+        return run_imc(tmp_path / "home", "apply", "-f", str(manifest), "--authfile", str(authfile), "--wait", "-q")
+
+    built = apply("web", "fixtures/app:1.0")
+    assert built.returncode == 0, built.stderr
+    assert Caches(tmp_path / "home").get("web").phase == "Ready"
+    refused = apply("other", "team/other:1.0")  # outside the namespace: the wrong host-wide entry
+    assert refused.returncode == 12, refused.stderr
+    assert "'host-wide'" in refused.stderr
+    for out in (built, refused):
+        assert_no_secret(out, reg.password)
