@@ -18,6 +18,7 @@ one place and changed in one place::
       meta/
         unpacked/<alg>-<hex>          a layer's uncompressed size, counted once
         pulled/<alg>-<hex>            a blob pull-through fetched on its own; mtime: last served
+        transfers.json                the recent pulls' bytes and seconds: the measured transfer rate
       volumes/<id>-<generation>.imcv  a cache's volume; ``.partial`` beside it while written
       secrets/<namespace>/<name>.json pull secrets, mode 0600 (registry.auth.SecretStore)
       caches.db                       the image cache records (SQLite)
@@ -118,9 +119,18 @@ class Home:
     def meta(self) -> Path:
         return self.root / "meta"
 
+    @property
+    def unpacked(self) -> Path:
+        return self.meta / "unpacked"
+
     def unpacked_record(self, digest: Digest) -> Path:
-        """Where a layer's counted uncompressed size is kept."""
-        return self.meta / "unpacked" / _named(digest)
+        """Where a layer's counted uncompressed size is kept (named ``<alg>-<hex>``)."""
+        return self.unpacked / _named(digest)
+
+    @property
+    def transfers(self) -> Path:
+        """The recent pulls' transfer measurements (``builder.throughput``)."""
+        return self.meta / "transfers.json"
 
     @property
     def pulled(self) -> Path:

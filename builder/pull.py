@@ -9,6 +9,7 @@ points at complete content. Progress is reported as events; nothing here prints.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from builder.registry.client import Registry
 from builder.registry.hosts import HostPolicy
 from builder.registry.retry import RetryPolicy
 from builder.store import Store
+from builder.throughput import TransferLog
 
 DEFAULT_CONCURRENCY = 4
 
@@ -162,6 +164,7 @@ class _Resolved:
     index_digest: Digest | None
     platform: Platform | None
     registry: Registry
+    index_size: int = 0
 
 
 class _Cancelled(Exception):
@@ -208,16 +211,19 @@ class Puller:
                 self._registries[endpoint] = Registry(endpoint, self.policy, self.keychain, self._tokens, self._retry)
             return self._registries[endpoint]
 
-    def resolve(self, ref: Reference) -> _Resolved:
-        """Fetch and verify the image's manifest, choosing a platform from an index."""
+    def resolve(self, ref: Reference, keep_index: bool = True) -> _Resolved:
+        """Fetch and verify the image's manifest, choosing a platform from an index;
+        the index is stored unless ``keep_index`` is False (a plan writes nothing)."""
         registry = self.registry(ref.api_host)
         fetched = registry.get_manifest(ref.repository, ref.identifier, ref.digest)
         node = parse_manifest(fetched.raw, fetched.media_type)
         index_digest = None
+        index_size = 0
         platform = None
         if isinstance(node, Index):
-            self.store.put_bytes(fetched.digest, fetched.raw)
-            index_digest = fetched.digest
+            if keep_index:
+                self.store.put_bytes(fetched.digest, fetched.raw)
+            index_digest, index_size = fetched.digest, len(fetched.raw)
             entry = node.select(self.platform)
             platform = entry.platform
             fetched = registry.get_manifest(ref.repository, str(entry.digest), entry.digest)
@@ -226,7 +232,7 @@ class Puller:
                 raise ImcError(f"{ref}: nested indexes are not supported")
         descriptor = Descriptor(node.media_type, fetched.digest, len(fetched.raw), platform)
         self._emit(ImageResolved(str(ref), fetched.digest, len(fetched.raw)))
-        return _Resolved(ref, node, descriptor, index_digest, platform, registry)
+        return _Resolved(ref, node, descriptor, index_digest, platform, registry, index_size)
 
     def pull(self, refs: list[Reference], record: bool = True) -> PullResult:
         """Pull every image; raise the first error after stopping the other downloads.
@@ -242,7 +248,10 @@ class Puller:
                 for desc in image.manifest.blobs():
                     jobs.setdefault(desc.digest, (image, desc))
             self._emit(PullPlanned(blobs=len(jobs), size=sum(desc.size for _, desc in jobs.values())))
+            started = time.monotonic()
             origins = self._fetch_all(jobs)
+            TransferLog(self.store.home).record(
+                sum(desc.size for d, (_, desc) in jobs.items() if origins[d] == REGISTRY), time.monotonic() - started)
             images = []
             for image in resolved:
                 self.store.put_bytes(image.descriptor.digest, image.manifest.raw)
