@@ -47,7 +47,7 @@ from builder.pull import (
     PullPlanned,
 )
 from builder.reference import parse as parse_reference
-from builder.registry.auth import Keychain
+from builder.registry.auth import DockerConfig, Keychain
 from builder.registry.hosts import HostPolicy
 from builder.registry.retry import RetryPolicy
 from builder.volume import PackProgress, Volume
@@ -216,7 +216,7 @@ class _Build:
         if cache.phase not in BUILDING:
             raise CacheStateError(f"image cache {self.name} is {cache.phase}: nothing to build")
         spec = cache.spec
-        sources = self._sources(cache, spec.reuse)
+        sources = volume_sources(self.caches, cache, spec.reuse)
         # Flash makes a new cache usable from staging; an update keeps serving the old
         # volume until the new one is packed, so it has nothing to gain from it.
         early = spec.flash and cache.phase == CREATING
@@ -327,27 +327,32 @@ class _Build:
                 break
         return total
 
-    def _sources(self, cache: ImageCache, reuse: bool) -> list[VolumeSource]:
-        """Where blobs are copied from before the network: the cache's own volume when
-        it is rebuilt (a new size re-packs what it holds), and with ``reuse`` the other
-        caches' volumes."""
-        out = []
-        for other in self.caches.list() if reuse else [cache]:
-            if other.volume and other.volume_state == "ready":
-                try:
-                    out.append(VolumeSource(other.name, Volume.open(Path(other.volume.path))))
-                except ImcError:
-                    continue
-        return out
+
+
+def volume_sources(caches: Caches, own: ImageCache | None, reuse: bool) -> list[VolumeSource]:
+    """Where a build copies blobs from before the network, in the order it tries them:
+    the cache's own volume when it is rebuilt (a new size re-packs what it holds), and
+    with ``reuse`` every cache's volume. A plan asks the same (``builder.plan``)."""
+    out = []
+    for other in caches.list() if reuse else [own] if own is not None else []:
+        if other.volume and other.volume_state == "ready":
+            try:
+                out.append(VolumeSource(other.name, Volume.open(Path(other.volume.path))))
+            except ImcError:
+                continue
+    return out
 
 
 def cache_puller(caches: Caches, spec: CacheSpec, retry: RetryPolicy,
-                 on_event: Callable[[PullEvent], None] | None = None, sources: Sequence[BlobSource] = ()) -> Puller:
+                 on_event: Callable[[PullEvent], None] | None = None, sources: Sequence[BlobSource] = (),
+                 secrets: dict[str, DockerConfig] | None = None) -> Puller:
     """The puller a cache's images are resolved and fetched with: its own plain-HTTP and
     insecure lists and pull secrets (then the user's credential files), and the home's
-    platform. A drift check asks the registries with this one too, so it sees what a
-    build would."""
-    keychain = Keychain([caches.secrets.load(s) for s in spec.image_pull_secrets])
+    platform. A drift check and a plan ask the registries with this one too, so they
+    see what a build would. ``secrets``: pull secrets not stored yet (a file that
+    brings them along), used before the stored ones of the same name."""
+    given = secrets or {}
+    keychain = Keychain([given[s] if s in given else caches.secrets.load(s) for s in spec.image_pull_secrets])
     policy = HostPolicy(frozenset(spec.plain_http), frozenset(spec.insecure))
     return Puller(caches.store, policy, keychain, caches.platform, caches.concurrency, on_event=on_event,
                   retry=retry, sources=sources)
