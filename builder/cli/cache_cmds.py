@@ -28,9 +28,10 @@ from builder.cli.common import (
     show,
     timeout_option,
 )
+from builder.cli.plan_view import show_plan
 from builder.cli.progress import pull_progress
 from builder.drift import DriftCheck
-from builder.errors import BuildFailedError, ExitCode, ValidationError
+from builder.errors import AlreadyExistsError, BuildFailedError, ExitCode, ValidationError
 from builder.export import FORMATS, OCI_ARCHIVE, export_archive, stream_archive
 from builder.home import open_unlinked
 from builder.imagecache import (
@@ -42,8 +43,10 @@ from builder.imagecache import (
     ImageCache,
     Settings,
     spec_from_object,
+    validate_name,
 )
 from builder.matcher import quantity_bytes
+from builder.plan import plan
 from builder.registry.auth import pull_secret_from_object
 from builder.volume import Volume
 
@@ -90,35 +93,77 @@ def cache() -> None:
     """Image caches: create, list, get, update, delete, events."""
 
 
+def spec_options(f: Callable) -> Callable:
+    """The flags that make a cache's spec: ``cache create`` and ``cache plan`` take the same."""
+    for option in reversed((
+        click.argument("name"),
+        click.option("--image", "images", multiple=True, required=True, metavar="REF",
+                     help="Image to cache (1 to 20)."),
+        click.option("--size", "size_gib", type=int, default=SIZE_DEFAULT, show_default=True,
+                     help="Size in GiB (20-32768)."),
+        click.option("--retention-days", type=int, help="Delete the cache this many days after creation (1-65536)."),
+        click.option("--reuse", is_flag=True, help="Copy layers other caches hold instead of downloading them."),
+        click.option("--flash", is_flag=True, help="Usable from local staging as soon as the layers are local."),
+        click.option("--plain-http", multiple=True, metavar="LIST", help="Endpoints to reach over plain HTTP."),
+        click.option("--insecure", multiple=True, metavar="LIST",
+                     help="Endpoints to reach over HTTPS without verification."),
+        click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME",
+                     help="Stored pull secret to use."),
+        on_drift_option,
+        timeout_option,
+        authfile_option,
+    )):
+        f = option(f)
+    return f
+
+
+def _spec(images: tuple[str, ...], size_gib: int, retention_days: int | None, reuse: bool, flash: bool,
+          plain_http: tuple[str, ...], insecure: tuple[str, ...], pull_secrets: tuple[str, ...],
+          on_drift: str | None) -> CacheSpec:
+    return CacheSpec(list(images), list(pull_secrets), size_gib, retention_days, reuse, flash,
+                     list(plain_http), list(insecure), on_drift=on_drift or ON_DRIFT[0])
+
+
 @cache.command("create")
-@click.argument("name")
-@click.option("--image", "images", multiple=True, required=True, metavar="REF", help="Image to cache (1 to 20).")
-@click.option("--size", "size_gib", type=int, default=SIZE_DEFAULT, show_default=True, help="Size in GiB (20-32768).")
-@click.option("--retention-days", type=int, help="Delete the cache this many days after creation (1-65536).")
-@click.option("--reuse", is_flag=True, help="Copy layers other caches hold instead of downloading them.")
-@click.option("--flash", is_flag=True, help="Usable from local staging as soon as the layers are local.")
-@click.option("--plain-http", multiple=True, metavar="LIST", help="Endpoints to reach over plain HTTP.")
-@click.option("--insecure", multiple=True, metavar="LIST", help="Endpoints to reach over HTTPS without verification.")
-@click.option("--pull-secret", "pull_secrets", multiple=True, metavar="NS:NAME", help="Stored pull secret to use.")
-@on_drift_option
-@timeout_option
-@authfile_option
+@spec_options
+@click.option("--dry-run", is_flag=True, help="Print the plan (as 'imc cache plan' does) and create nothing.")
 @wait_options
 @output_option("json", "yaml")
 @pass_ctx
 def cache_create(ctx: Context, name: str, images: tuple[str, ...], size_gib: int, retention_days: int | None,
                  reuse: bool, flash: bool, plain_http: tuple[str, ...], insecure: tuple[str, ...],
-                 pull_secrets: tuple[str, ...], on_drift: str | None, timeout: float | None, wait: bool, quiet: bool,
-                 output: str) -> None:
+                 pull_secrets: tuple[str, ...], on_drift: str | None, timeout: float | None, dry_run: bool, wait: bool,
+                 quiet: bool, output: str) -> None:
     """Create an image cache and build it: pull, check capacity, pack the volume."""
-    spec = CacheSpec(list(images), list(pull_secrets), size_gib, retention_days, reuse, flash,
-                     list(plain_http), list(insecure), on_drift=on_drift or ON_DRIFT[0])
+    spec = _spec(images, size_gib, retention_days, reuse, flash, plain_http, insecure, pull_secrets, on_drift)
+    if dry_run:
+        validate_name(name)
+        if ctx.caches.exists(name):
+            raise AlreadyExistsError(f"name {name!r}: an image cache with this name already exists")
+        show_plan(plan(ctx.caches, spec, timeout=timeout), output, name)
+        return
     created, lease = ctx.caches.create(name, spec)
     result = run_build(ctx, created, lease, wait, quiet or output != "table", timeout)
     if output == "table" and not wait:
         click.echo(f"imagecache {name} created ({created.id}); building in the background: imc cache get {name}")
         return
     show(result, output)
+
+
+@cache.command("plan")
+@spec_options
+@output_option("json", "yaml")
+@pass_ctx
+def cache_plan(ctx: Context, name: str, images: tuple[str, ...], size_gib: int, retention_days: int | None,
+               reuse: bool, flash: bool, plain_http: tuple[str, ...], insecure: tuple[str, ...],
+               pull_secrets: tuple[str, ...], on_drift: str | None, timeout: float | None, output: str) -> None:
+    """What building these images would fetch, reuse and unpack, and whether it fits;
+    reads manifests and configs only, writes nothing. Exits 11 when it will not fit.
+    For an existing NAME, what rebuilding it with these flags would do."""
+    validate_name(name)
+    spec = _spec(images, size_gib, retention_days, reuse, flash, plain_http, insecure, pull_secrets, on_drift)
+    own = ctx.caches.get(name) if ctx.caches.exists(name) else None
+    show_plan(plan(ctx.caches, spec, own, timeout=timeout), output, name)
 
 
 @cache.command("build", hidden=True)

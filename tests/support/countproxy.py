@@ -101,6 +101,8 @@ class CountingProxy:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.requests: list[ProxiedRequest] = []
+        self.bytes_down = 0
+        """Every byte the registry sent back through the proxy (heads and bodies)."""
         self.gate: Gate | None = None
         self._pauses: list[Pause] = []
         self._lock = threading.Lock()
@@ -130,6 +132,12 @@ class CountingProxy:
         return pause
 
     # -- what was seen ---------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget what was seen so far: count the next step alone."""
+        with self._lock:
+            self.requests = []
+            self.bytes_down = 0
 
     def blob_gets(self) -> dict[str, list[ProxiedRequest]]:
         """Blob GETs by digest (whatever the repository)."""
@@ -252,6 +260,8 @@ class CountingProxy:
                     break  # the connection ends here, as if the registry had died
                 conn.client.sendall(data)
                 sent += len(data)
+                with self._lock:
+                    self.bytes_down += len(data)
         except OSError:
             pass
         finally:
