@@ -68,6 +68,7 @@ from builder.imagecache import (
     spec_from_object,
     validate_name,
 )
+from builder.plan import plan
 from builder.server.discovery import GROUP, KIND, LIST_KIND, RESOURCE, documents, table, wants_table
 from builder.server.patch import PatchError, json_patch, merge_patch, unknown_fields
 
@@ -78,6 +79,8 @@ MAX_BODY_BYTES = 1 << 20
 MAX_YAML_DEPTH = 64
 """An ImageCache object nests four levels deep; far deeper is an attack, not a cache."""
 MAX_MESSAGE_CHARS = 1024
+PLAN_TIMEOUT_SECONDS = 60
+"""How long a dry run may spend resolving the images of its plan."""
 """Status messages quote the input they refuse; a huge field is not echoed back whole."""
 
 JSON = "application/json"
@@ -344,7 +347,9 @@ class ImageCacheAPI:
         except ValidationError as e:
             raise _invalid(claimed, e.message) from None
         if dry_run:
-            return self._would_create(name, spec, no_effect)
+            would = self._would_create(name, spec, no_effect)
+            plan_warnings = self._plan_into(would, name, spec, None)
+            return {**would, **({WARNINGS: warnings + plan_warnings} if warnings or plan_warnings else {})}
         try:
             cache, lease = self.caches.create(name, spec, no_effect=no_effect)
         except AlreadyExistsError:
@@ -390,6 +395,19 @@ class ImageCacheAPI:
         obj["status"]["phase"] = ""
         return obj
 
+    def _plan_into(self, obj: dict[str, Any], name: str, spec: CacheSpec, own: ImageCache | None) -> list[str]:
+        """``dryRun=All``: put what building ``spec`` would do in ``status.plan``; the
+        warnings to send with it (it will not fit, or it could not be planned). A plan
+        that fails does not refuse the object: the cache would be accepted, and its
+        build would fail the same way."""
+        try:
+            planned = plan(self.caches, spec, own, timeout=PLAN_TIMEOUT_SECONDS)
+        except ImcError as e:
+            obj["status"]["plan"] = {"error": _clip(e.message)}
+            return [_clip(f"image cache {name} could not be planned: {e.message}")]
+        obj["status"]["plan"] = planned.to_json()
+        return [] if planned.fits else [f"image cache {name}: {planned.verdict()}"]
+
     def _replace(self, name: str, obj: dict[str, Any], query: dict[str, list[str]]) -> dict[str, Any]:
         """PUT (and every patch, once applied): the cache takes the object's spec, through
         ``Caches.update_spec``, which decides what a change does (a rebuild in the background,
@@ -410,7 +428,15 @@ class ImageCacheAPI:
         if checked and str(expected) != str(current.resource_version):
             raise _conflict(name, STALE)
         if dry_run:
-            return {**current.to_object(), "spec": obj.get("spec")}
+            try:
+                self.caches.plan_update(name, spec)
+            except (ValidationError, CapacityError) as e:
+                raise _invalid(name, e.message) from None
+            except CacheStateError as e:
+                raise _conflict(name, e.message) from None
+            would = {**current.to_object(), "spec": obj.get("spec")}
+            plan_warnings = self._plan_into(would, name, spec, current)
+            return {**would, **({WARNINGS: warnings + plan_warnings} if warnings or plan_warnings else {})}
         try:
             cache, lease = self.caches.update_spec(name, spec,
                                                    resource_version=current.resource_version if checked else None)

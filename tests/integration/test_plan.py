@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 from support.countproxy import CountingProxy
-from test_caches import _push_zstd_bomb, run_imc, spec, volume_files
+from test_caches import _push_zstd_bomb, run_imc, volume_files
 
 from builder.build import Builder
 from builder.caches import Caches
 from builder.imagecache import CacheSpec
 from builder.plan import Plan, plan
-from builder.pull import REGISTRY, BlobDone, PullEvent, Puller
+from builder.pull import REGISTRY, BlobDone, Puller, PullEvent
 from builder.reference import parse as parse_reference
 from builder.registry.hosts import HostPolicy
 from builder.store import Store
@@ -172,3 +172,50 @@ def test_a_size_too_small_exits_11_with_the_size_needed(tmp_path: Path, plain_re
     assert run_imc(home, *args, "--size", "22").returncode == 0
     dry = run_imc(home, "cache", "create", "big", "--dry-run", "--plain-http", plain_registry.host, "--image", ref)
     assert dry.returncode == 11 and json.loads(run_imc(home, "cache", "list", "-o", "json").stdout)["items"] == []
+
+
+# -- the API's dryRun=All, through the real kubectl ----------------------------------------------------------------
+
+
+def test_kubectl_dry_run_server_answers_the_plan_and_stores_nothing(tmp_path: Path, plain_registry: Any,
+                                                                    catalogue: dict[str, Any]) -> None:
+    from test_kubectl import image_cache, serving
+
+    registry = plain_registry.host
+    app = catalogue["images"]["fixtures/app:1.0"]["manifests"][0]
+    app_bytes = app["config"]["size"] + app["totalLayerBytes"]
+    with serving(tmp_path) as kube:
+        name = kube.file("web.yaml", image_cache("web", registry, "fixtures/app:1.0"))
+        out = kube.run("apply", "--dry-run=server", "-f", name, "-o", "json")
+        planned = json.loads(out.stdout)["status"]["plan"]
+        assert planned["total"]["bytesToFetch"] == app_bytes and planned["fits"] is True
+        assert planned["images"][0]["image"] == f"{registry}/fixtures/app:1.0"
+        assert "No resources found" in kube.run("get", "imagecaches").stderr
+        kube.run("apply", "-f", name)
+        kube.run("wait", "--for=jsonpath={.status.phase}=Ready", "imagecache/web", "--timeout=120s")
+        # An update's plan: the layers of app:1.0 are in web's own volume (or the store).
+        changed = kube.file("web2.yaml", image_cache("web", registry, "fixtures/app:1.0", "fixtures/app:2.0"))
+        out = kube.run("apply", "--dry-run=server", "-f", changed, "-o", "json")
+        obj = json.loads(out.stdout)
+        assert len(obj["spec"]["images"]) == 2 and obj["status"]["phase"] == "Ready"
+        total = obj["status"]["plan"]["total"]
+        assert total["bytesToFetch"] < total["bytes"] and total["bytesToFetch"] > 0
+        live = json.loads(kube.run("get", "imagecache", "web", "-o", "json").stdout)
+        assert len(live["spec"]["images"]) == 1 and "plan" not in live["status"]
+
+
+def test_kubectl_dry_run_of_images_too_large_warns_with_the_size_needed(tmp_path: Path, plain_registry: Any) -> None:
+    from test_kubectl import image_cache, serving
+
+    registry = plain_registry.host
+    ref = _push_zstd_bomb(plain_registry, 21)
+    with serving(tmp_path) as kube:
+        assert run_imc(tmp_path / "imc-home", "pull", "-q", "--plain-http", registry, f"{registry}/{ref}").returncode == 0
+        name = kube.file("big.yaml", image_cache("big", registry, ref))
+        out = kube.run("create", "--dry-run=server", "-f", name, "-o", "yaml")
+        assert "does not fit" in out.stderr and "use a size of at least 22 GiB" in out.stderr
+        assert "fits: false" in out.stdout and "sizeNeededGiB: 22" in out.stdout
+        missing = kube.file("gone.yaml", image_cache("gone", registry, "fixtures/nothing:1.0"))
+        out = kube.run("create", "--dry-run=server", "-f", missing, "-o", "json")
+        assert "could not be planned" in out.stderr
+        assert "error" in json.loads(out.stdout)["status"]["plan"]
