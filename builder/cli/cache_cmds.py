@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,10 +29,10 @@ from builder.cli.common import (
     show,
     timeout_option,
 )
-from builder.cli.plan_view import show_plan
+from builder.cli.plan_view import show_plan, show_table
 from builder.cli.progress import pull_progress
 from builder.drift import DriftCheck
-from builder.errors import AlreadyExistsError, BuildFailedError, ExitCode, ValidationError
+from builder.errors import AlreadyExistsError, BuildFailedError, CapacityError, ExitCode, ValidationError
 from builder.export import FORMATS, OCI_ARCHIVE, export_archive, stream_archive
 from builder.home import open_unlinked
 from builder.imagecache import (
@@ -47,7 +48,7 @@ from builder.imagecache import (
 )
 from builder.matcher import quantity_bytes
 from builder.plan import plan
-from builder.registry.auth import pull_secret_from_object
+from builder.registry.auth import DockerConfig, pull_secret_from_object
 from builder.volume import Volume
 
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -325,11 +326,15 @@ def load_documents(path: str) -> list[Any]:
 @click.command()
 @click.option("-f", "--filename", required=True,
               help="YAML or JSON file with ImageCache objects and pull Secrets ('-' for stdin).")
-@click.option("--dry-run", is_flag=True, help="Print what would be created or changed, field by field; change nothing.")
+@click.option("--dry-run", type=click.Choice(["client", "server"]), is_flag=False, flag_value="client", default=None,
+              help="Print what would be created or changed, field by field; change nothing. "
+                   "--dry-run=server also resolves the images and prints each cache's plan (exit 11 if one "
+                   "will not fit).")
 @authfile_option
 @wait_options
+@output_option("json", "yaml")
 @pass_ctx
-def apply(ctx: Context, filename: str, dry_run: bool, wait: bool, quiet: bool) -> None:
+def apply(ctx: Context, filename: str, dry_run: str | None, wait: bool, quiet: bool, output: str) -> None:
     """Create or update the ImageCache objects in a file (several documents allowed),
     and store the pull Secrets in it (as kubectl prints them) before any cache needs them.
 
@@ -363,6 +368,9 @@ def apply(ctx: Context, filename: str, dry_run: bool, wait: bool, quiet: bool) -
             continue
         ctx.secrets.store(ref, auths)
         click.echo(f"secret {ref} stored for {', '.join(sorted(auths))}")
+    if dry_run == "server":
+        _plan_documents(ctx, parsed, plans, dict(pull_secrets), output)
+        return
     for name, spec, no_effect in parsed:
         if name in plans:
             plan = plans[name]
@@ -381,6 +389,32 @@ def apply(ctx: Context, filename: str, dry_run: bool, wait: bool, quiet: bool) -
             created, lease = caches.create(name, spec, no_effect=no_effect)
             run_build(ctx, created, lease, wait, quiet)
             click.echo(f"imagecache {name} created ({created.id})")
+
+
+def _plan_documents(ctx: Context, parsed: list[tuple[str, CacheSpec, Any]], updates: dict[str, UpdatePlan],
+                    secrets: dict[str | None, dict[str, dict[str, str]]], output: str) -> None:
+    """``apply --dry-run=server``: each cache's update (as ``--dry-run`` prints it) and its
+    plan; CapacityError (exit 11) once every plan is shown if any will not fit."""
+    given = {ref: DockerConfig.parse(json.dumps({"auths": auths}), f"pull secret {ref}")
+             for ref, auths in secrets.items() if ref is not None}
+    plans = []
+    for name, spec, _ in parsed:
+        own = updates[name].current if name in updates else None
+        plans.append((name, plan(ctx.caches, spec, own, secrets=given)))
+    if output in ("json", "yaml"):
+        emit({"items": [{"name": name, **p.to_json()} for name, p in plans]}, output)
+    else:
+        for i, (name, p) in enumerate(plans):
+            if i:
+                click.echo()
+            if name in updates:
+                _print_plan(updates[name])
+            else:
+                click.echo(f"imagecache {name} would be created")
+            show_table(p, name)
+    unfit = [f"image cache {name}: {p.verdict()}" for name, p in plans if not p.fits]
+    if unfit:
+        raise CapacityError("; ".join(unfit))
 
 
 def _print_plan(plan: UpdatePlan) -> None:

@@ -12,12 +12,12 @@ from builder.plan import Plan
 def show_plan(plan: Plan, output: str, name: str) -> None:
     """Print ``plan``; raise CapacityError (exit 11) after it when the images will not fit."""
     if not emit({"name": name, **plan.to_json()}, output):
-        _table(plan, name)
+        show_table(plan, name)
     if not plan.fits:
         raise CapacityError(f"image cache {name}: {plan.verdict()}")
 
 
-def _table(plan: Plan, name: str) -> None:
+def show_table(plan: Plan, name: str) -> None:
     header = ("IMAGE", "PLATFORM", "BLOBS", "TO FETCH", "IN STORE", "FROM CACHES", "UNPACKED")
     rows = []
     for image in plan.images:
@@ -37,7 +37,8 @@ def _table(plan: Plan, name: str) -> None:
         ratios = ", ".join(f"{r.compression} x{r.value:.2f} ({r.source})" for r in plan.estimated_with())
         click.echo(f"estimate:   {human(total.unpacked_estimated)} of it from compression ratios: {ratios}")
     if total.in_other_caches:
-        how = "copied from them (reuse)" if plan.reuse else "fetched anyway: create with --reuse to copy them"
+        how = ("copied from them (reuse)" if plan.reuse else
+               "fetched anyway; with reuse (--reuse, or the imc-enable-reuse annotation) copied instead")
         click.echo(f"caches:     {human(total.in_other_caches)} of it is in the volumes of "
                    f"{', '.join(sorted(total.caches))}; {how}")
     seconds = plan.seconds

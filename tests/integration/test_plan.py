@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from support.countproxy import CountingProxy
 from test_caches import _push_zstd_bomb, run_imc, volume_files
 
@@ -219,3 +220,25 @@ def test_kubectl_dry_run_of_images_too_large_warns_with_the_size_needed(tmp_path
         out = kube.run("create", "--dry-run=server", "-f", missing, "-o", "json")
         assert "could not be planned" in out.stderr
         assert "error" in json.loads(out.stdout)["status"]["plan"]
+
+
+def test_apply_dry_run_server_plans_every_document_and_changes_nothing(tmp_path: Path, plain_registry: Any) -> None:
+    home = tmp_path / "home"
+    registry = plain_registry.host
+    bomb = _push_zstd_bomb(plain_registry, 21)
+    assert run_imc(home, "pull", "-q", "--plain-http", registry, f"{registry}/{bomb}").returncode == 0
+    docs = [{"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCache",
+             "metadata": {"name": name, "annotations": {"k8s.aliyun.com/plain-http-registry": registry}},
+             "spec": {"images": [f"{registry}/{ref}"]}} for name, ref in (("web", "fixtures/app:1.0"), ("big", bomb))]
+    path = tmp_path / "caches.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    out = run_imc(home, "apply", "--dry-run=server", "-f", str(path))
+    assert out.returncode == 11, out.stderr
+    assert "imagecache web would be created" in out.stdout and "plan for image cache big:" in out.stdout
+    assert out.stderr.strip().splitlines() == [
+        "imc: error: image cache big: does not fit: the images need 21.00 GiB unpacked (exact), more than the "
+        "cache's imageCacheSize of 20 GiB; use a size of at least 22 GiB"]
+    doc = json.loads(run_imc(home, "apply", "--dry-run=server", "-f", str(path), "-o", "json").stdout)
+    assert [(i["name"], i["fits"]) for i in doc["items"]] == [("web", True), ("big", False)]
+    assert json.loads(run_imc(home, "cache", "list", "-o", "json").stdout)["items"] == []
+    assert volume_files(home) == []
