@@ -38,7 +38,6 @@ DEFAULT_RATIO = 3.0
 compression: a round-up of the 2.1-2.8 that Debian-, Ubuntu- and Alpine-based gzip
 layers unpack to, so an estimate errs towards "needs more room" rather than less."""
 
-MIB = 1 << 20
 MAX_CONFIG_BYTES = 4 << 20
 """A config larger than this is not read by a plan (its size still counts)."""
 
@@ -194,7 +193,7 @@ class Plan:
         """One line: it fits, or how much it needs."""
         how = "estimated" if self.totals().unpacked_estimated else "exact"
         if self.fits:
-            shown = f"{self.unpacked / GIB:.2f} GiB" if self.unpacked >= GIB // 10 else f"{self.unpacked / MIB:.1f} MiB"
+            shown = f"{self.unpacked / GIB:.2f} GiB" if self.unpacked >= GIB // 100 else f"{self.unpacked / 1e6:.1f} MB"
             return f"fits: {shown} unpacked ({how}) of {self.size_gib} GiB"
         return (f"does not fit: the images need {self.unpacked / GIB:.2f} GiB unpacked ({how}), more than the "
                 f"cache's imageCacheSize of {self.size_gib} GiB; use a size of at least {self.size_needed_gib} GiB")

@@ -45,11 +45,11 @@ def show_table(plan: Plan, name: str) -> None:
     if total.to_fetch == 0:
         click.echo("time:       nothing to fetch")
     elif seconds is None:
-        click.echo(f"time:       unknown (no pull in this home has measured a transfer rate yet) "
-                   f"for {human(total.to_fetch)}")
+        click.echo(f"time:       unknown: no pull in this home has measured a transfer rate yet "
+                   f"({human(total.to_fetch)} to fetch)")
     else:
-        rate = f" at {human(plan.rate)}/s, this home's recent pulls" if plan.rate else ""
-        click.echo(f"time:       about {_duration(seconds)} (estimated){rate}")
+        click.echo(f"time:       about {_duration(seconds)} (estimated at {human(plan.rate or 0)}/s, the rate of "
+                   "this home's recent pulls)")
     click.echo(f"plan read:  {human(plan.bytes_read)} of manifests and configs, no layer")
 
 
