@@ -23,6 +23,7 @@ sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "registry-fixtures")]
 
 import cache_bench  # noqa: E402  (the imports below need the paths above)
 import match_bench  # noqa: E402
+import plan_bench  # noqa: E402
 import pull_bench  # noqa: E402
 import regfix  # noqa: E402
 import serve_bench  # noqa: E402
@@ -75,6 +76,7 @@ def main() -> int:
                 table = section("Caches: flash and reuse (median of 3 runs)")
                 cache_bench.flash(endpoints, work, table)
                 cache_bench.reuse(endpoints, catalogue, work, table)
+                plan_bench.moved(endpoints, catalogue, work, table)
             if "volume" in wanted:
                 table = section("Volumes: packing against tar | zstd -T0")
                 home, blobs = _large_blobs(registry, work)
