@@ -55,7 +55,7 @@ from builder.oci import Platform
 from builder.pull import DEFAULT_CONCURRENCY
 from builder.records import CacheDB, Ranked, TagResolution
 from builder.registry.auth import SecretStore
-from builder.retirement import Retirement, expired, expiring_soon, over_budget, warn_expiring
+from builder.retirement import Retirement, expired, expiring_soon, over_budget, size_text, warn_expiring
 from builder.store import Store
 from builder.volume import Volume
 
@@ -605,11 +605,12 @@ class Caches:
                 self._delete(victim.name, victim.id)
             except NotFoundLocalError:
                 continue  # deleted by another process meanwhile
-            log.info("automatic image cache %s (%s) deleted: %s", victim.name, victim.id, victim.reason)
+            log.info("automatic image cache %s (%s, %s) deleted: %s", victim.name, victim.id, size_text(victim.bytes),
+                     victim.reason)
             gone.append(victim)
         if left > self.settings.auto_max_bytes > 0:
-            log.warning("automatic image caches hold %d bytes, over auto_max_bytes (%d): every other one was "
-                        "used within the last hour or is being built", left, self.settings.auto_max_bytes)
+            log.warning("automatic image caches hold %s, over auto_max_bytes (%s): every other one was used "
+                        "within the last hour or is being built", size_text(left), size_text(self.settings.auto_max_bytes))
         return gone
 
     def _warn_expiring(self, cache: ImageCache, now: dt.datetime) -> None:

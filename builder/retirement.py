@@ -84,10 +84,11 @@ def over_budget(caches: Iterable[ImageCache], budget: int, now: dt.datetime) -> 
         size = footprint(cache)
         if size == 0 or cache.phase in BUILDING or now - last_use(cache) < RECENT:
             continue
+        used = (f"last used {cache.last_used}" if cache.last_used
+                else f"never used since its creation at {cache.created}")
         out.append(Retirement(cache.name, cache.id, BUDGET,
-                              f"automatic caches hold {size_text(total)}, over auto_max_bytes "
-                              f"({size_text(budget)}); least recently used (last used "
-                              f"{rfc3339(last_use(cache))}), {size_text(size)}", size))
+                              f"the least recently used automatic cache ({used}); automatic caches hold "
+                              f"{size_text(total)}, over auto_max_bytes ({size_text(budget)})", size))
         total -= size
     return out, total
 

@@ -171,8 +171,9 @@ def gc(ctx: Context, dry_run: bool, output: str) -> None:
         for digest, size in report.blobs:
             click.echo(f"would remove blob {digest} ({human(size)}): no image, cache or recent pull needs it")
         freed = sum(r.bytes for r in report.retired) + sum(s for _, s in report.volume_files) + report.bytes_freed
-        click.echo(f"would free {human(freed)}: {len(report.retired)} caches, {report.volumes_removed} orphan "
-                   f"volume files, {report.blobs_removed} blobs; nothing was deleted")
+        click.echo(f"would free {human(freed)}: {_count(len(report.retired), 'cache')}, "
+                   f"{_count(report.volumes_removed, 'orphan volume file')}, {_count(report.blobs_removed, 'blob')}; "
+                   "nothing was deleted")
         return
     for r in report.retired:
         click.echo(f"deleted image cache {r.name}: {r.reason}")
@@ -180,6 +181,10 @@ def gc(ctx: Context, dry_run: bool, output: str) -> None:
         click.echo(f"deleted expired image cache {name}")
     click.echo(f"removed {report.blobs_removed} blobs ({human(report.bytes_freed)}), "
                f"{report.volumes_removed} volume files and {report.partials_removed} partial downloads")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # -- secrets ---------------------------------------------------------------------------------
