@@ -124,6 +124,9 @@ def image_cache_schema() -> dict[str, Any]:
             "startTime": {"type": "string", "format": "date-time", "nullable": True},
             "lastUpdatedTime": {"type": "string", "format": "date-time", "nullable": True},
             "expireDateTime": {"type": "string", "format": "date-time", "nullable": True},
+            "lastUsedTime": {"type": "string", "format": "date-time",
+                             "description": "The last use: a match, or a hit through imc serve."},
+            "hitCount": {"type": "integer", "description": "Manifests and blobs imc serve answered from the cache."},
             "message": {"type": "string"},
         },
     }
@@ -256,9 +259,13 @@ COLUMNS = [
      "description": "imageCacheSize, in GiB."},
     {"name": "Images", "type": "string", "format": "", "priority": 1,
      "description": "The images asked for."},
+    {"name": "Last-Used", "type": "date", "format": "", "priority": 1,
+     "description": "Time since the cache was last used (a match, or a hit through imc serve)."},
+    {"name": "Hits", "type": "integer", "format": "", "priority": 1,
+     "description": "Manifests and blobs imc serve answered from the cache."},
 ]
 """The CRD's printer columns: NAME, AGE, CACHEID, PHASE, PROGRESS, and with ``-o wide``
-SIZE and IMAGES."""
+SIZE, IMAGES, LAST-USED and HITS."""
 
 
 def wants_table(accept: str) -> bool:
@@ -322,7 +329,8 @@ def table(objects: list[dict[str, Any]], now: dt.datetime, include: str = "Metad
         meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status", {})
         cells = [meta.get("name"), _age(meta.get("creationTimestamp"), now), status.get("imageCacheId") or meta.get("uid"),
                  status.get("phase") or "", status.get("progress") or "", spec.get("imageCacheSize"),
-                 ",".join(spec.get("images", []))]
+                 ",".join(spec.get("images", [])),
+                 _age(status["lastUsedTime"], now) if status.get("lastUsedTime") else None, status.get("hitCount", 0)]
         row: dict[str, Any] = {"cells": cells}
         if include == "Object":
             row["object"] = obj

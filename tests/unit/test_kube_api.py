@@ -111,12 +111,16 @@ def test_list_as_table_has_the_crd_columns(api: ImageCacheAPI) -> None:
     names = [c["name"] for c in table["columnDefinitions"] if c["priority"] == 0]
     assert names == ["Name", "Age", "CacheId", "Phase", "Progress"]
     wide = [c["name"] for c in table["columnDefinitions"] if c["priority"] == 1]
-    assert wide == ["Size", "Images"]
+    assert wide == ["Size", "Images", "Last-Used", "Hits"]
     rows = {r["cells"][0]: r for r in table["rows"]}
     assert set(rows) == {"web", "api"}
     web = rows["web"]
-    assert web["cells"][2:] == [created["status"]["imageCacheId"], "Creating", "0%", 20, IMAGE]
+    assert web["cells"][2:] == [created["status"]["imageCacheId"], "Creating", "0%", 20, IMAGE, None, 0]
     assert web["cells"][1].endswith("s")  # an age, not a timestamp
+    api.caches.mark_used("web", 3)
+    _, table = call(api, "GET", PREFIX, accept=TABLE)
+    used = {r["cells"][0]: r["cells"][-2:] for r in table["rows"]}
+    assert used["web"][0].endswith("s") and used["web"][1] == 3 and used["api"] == [None, 0]
     assert web["object"]["kind"] == "PartialObjectMetadata"
     assert web["object"]["metadata"]["name"] == "web"
 
