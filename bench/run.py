@@ -84,6 +84,7 @@ def main() -> int:
             if "serve" in wanted:
                 table = section(f"Serving: imc serve against registry:2 (median of {serve_bench.ROUNDS} runs)")
                 serve_bench.throughput(endpoints, catalogue, work, table)
+                serve_bench.stale_serve(registries.storage, catalogue, work, table)
                 serve_bench.headline(registries.storage, catalogue, work, table)
             if "match" in wanted:
                 table = section("Matcher latency")

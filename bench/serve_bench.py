@@ -2,6 +2,9 @@
 
 - Throughput: ``skopeo copy`` of the large fixture from ``imc serve`` (a Ready cache)
   against the same copy straight from registry:2, in one run.
+- Stale serving: ``skopeo copy`` of the large fixture through ``imc serve
+  --pull-through`` with its upstream registry stopped (served stale from what the
+  pull-through stored), against the same copy from a Ready cache.
 - Headline: time until the image is local (``skopeo copy`` into a directory, as a
   runtime would store it) on a cache hit, against a pull from an upstream registry
   behind a 100 Mbit/s link: a network namespace with a veth pair and a ``tbf``
@@ -35,10 +38,10 @@ def _image_bytes(catalogue: dict[str, Any], ref: str) -> int:
 
 
 @contextlib.contextmanager
-def imc_serve(home: Path) -> Iterator[str]:
-    """``imc serve`` in its own process on a free loopback port; yields host:port."""
+def imc_serve(home: Path, *args: str) -> Iterator[str]:
+    """``imc serve ARGS`` in its own process on a free loopback port; yields host:port."""
     proc = subprocess.Popen([*IMC, "--home", str(home), "serve", "--listen", "127.0.0.1:0", "--sweep-interval", "0",
-                             "--log-level", "warning"],
+                             "--log-level", "warning", *args],
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     try:
@@ -79,6 +82,34 @@ def throughput(endpoints: dict[str, Any], catalogue: dict[str, Any], work: Path,
               f"{size / result.imc_median / 1e6:.0f} MB/s ({result.imc_median:.2f} s)",
               f"{size / result.peer_median / 1e6:.0f} MB/s ({result.peer_median:.2f} s)",
               f"**{result.peer_median / result.imc_median:.2f}x** throughput")
+
+
+def stale_serve(storage: Path, catalogue: dict[str, Any], work: Path, table: Table) -> None:
+    """The large image pulled through ``imc serve --pull-through`` from a registry:2 of
+    its own (over the shared storage), which is then stopped: each later copy is served
+    stale from the store. The peer is the same copy from a Ready cache (a hit)."""
+    upstream = regfix.RegistrySet(work / "stale-upstream", modes=("plain",))
+    upstream.storage = storage  # the fixtures already pushed: nothing to push again
+    hit_home, stale_home = fresh_dir(work / "hit-home"), fresh_dir(work / "stale-home")
+    dest = work / "stale-copy"
+    size = _image_bytes(catalogue, LARGE)
+    with upstream:
+        registry = upstream.endpoints["plain"].host
+        build_cache(hit_home, registry, LARGE)
+        with imc_serve(hit_home) as hit, imc_serve(stale_home, "--pull-through", "--upstream", registry,
+                                                    "--plain-http", registry) as stale:
+            run_measured(_copy(f"{stale}/{LARGE}", dest))  # pull-through stores it while the upstream is up
+            upstream.kill("plain")
+            result = side_by_side(
+                "stale", ROUNDS,
+                imc=lambda: run_measured(_copy(f"{stale}/{LARGE}", dest)),
+                peer=lambda: run_measured(_copy(f"{hit}/{LARGE}", dest)),
+                reset=lambda: shutil.rmtree(dest, ignore_errors=True),
+            )
+    shutil.rmtree(dest, ignore_errors=True)
+    table.add(f"skopeo copy of {mb(size)}, upstream stopped: stale pull-through vs cache hit",
+              f"{result.imc_median:.2f} s", f"{result.peer_median:.2f} s",
+              f"**{result.imc_median / result.peer_median:.2f}x** time (target ≤ 1.5x)")
 
 
 def _sh(*argv: str) -> None:
