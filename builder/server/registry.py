@@ -509,9 +509,9 @@ class RegistryEndpoint:
         assert self.pull_through is not None and ref.tag is not None
         store = self.caches.store
         if held is not None:
+            # A HEAD: registries that limit pulls (Docker Hub) count manifest GETs only.
             quick = self._bounded(self.pull_through, once=True)
-            fetched = quick.registry(ref.api_host).get_manifest(ref.repository, ref.tag)
-            if fetched.digest == held.digest:
+            if quick.registry(ref.api_host).current_digest(ref.repository, ref.tag) == held.digest:
                 return _Resolved(held.digest, store.manifest(held.digest).media_type, False, 0)
         result = self._bounded(self.pull_through, once=probe).pull([ref])
         image = result.images[0]

@@ -190,7 +190,7 @@ def test_pull_through_on_a_miss_stores_and_serves(tmp_path: Path, upstream: CutP
         before = len(upstream.requests)
         assert skopeo_copy(server, "fixtures/app:2.0", tmp_path / "again").returncode == 0
         asked = [r.split("\r\n")[0] for r in upstream.requests[before:]]
-        assert asked and all(r.startswith("GET /v2/fixtures/app/manifests/2.0 ") for r in asked), asked
+        assert asked and all(r.startswith("HEAD /v2/fixtures/app/manifests/2.0 ") for r in asked), asked
     finally:
         server.stop()
 

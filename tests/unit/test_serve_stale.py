@@ -121,7 +121,8 @@ def test_a_pulled_through_tag_is_asked_again_and_its_resolution_recorded(
     again = get(endpoint, f"/v2/{REPO}/manifests/v2")
     assert again.status == 200 and body(again) == image.manifest.data
     assert again.outcome == Outcome("manifest", hit=True, served=len(image.manifest.data))
-    assert upstream.count(upstream.manifest_path("v2")) == 2  # asked again, nothing fetched again
+    # Asked again with a HEAD, nothing fetched again.
+    assert [r.method for r in upstream.requests_to(upstream.manifest_path("v2"), method=None)] == ["GET", "HEAD"]
 
 
 def test_a_tag_moved_upstream_is_served_as_it_is_now(caches: Caches, upstream: FaultServer, image: Any,
