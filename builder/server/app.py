@@ -57,6 +57,7 @@ LINGER_BYTES = 64 << 20
 LINGER_SECONDS = 2.0
 HANDSHAKE_SECONDS = 10.0
 """How long a connection may take to complete its TLS handshake before it is closed."""
+TLS_BLOCK = 1 << 20
 HITS_FLUSH_SECONDS = 5.0
 """How often the hits counted in memory are looked at; each cache's are written at most once a minute."""
 
@@ -103,6 +104,21 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
             raise ValidationError(f"--tls-cert {cert}: no PEM certificate in it") from None
         raise ValidationError(f"--tls-key {key}: no PEM private key in it") from None
     return context
+
+
+def _send_encrypted(conn: ssl.SSLSocket, source: BinaryIO, offset: int, count: int) -> int:
+    """A file extent through TLS, where ``sendfile`` cannot go: in 1 MiB blocks, since
+    ``socket.sendfile``'s own fallback sends 8 KiB at a time and is bound by that loop."""
+    source.seek(offset)
+    block = memoryview(bytearray(min(TLS_BLOCK, count) or 1))
+    sent = 0
+    while sent < count:
+        n = source.readinto(block[:min(len(block), count - sent)])
+        if not n:
+            break
+        conn.sendall(block[:n])
+        sent += n
+    return sent
 
 
 def _request_kind(path: str) -> str:
@@ -419,7 +435,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if reply.extent is not None and source is not None:
                 _, offset, count = reply.extent
-                self._sent = self.connection.sendfile(source, offset, count)
+                if isinstance(self.connection, ssl.SSLSocket):
+                    self._sent = _send_encrypted(self.connection, source, offset, count)
+                else:
+                    self._sent = self.connection.sendfile(source, offset, count)
             elif reply.stream is not None:
                 for chunk in reply.stream:
                     self.wfile.write(chunk)
