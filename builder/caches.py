@@ -643,7 +643,11 @@ class Caches:
         report.retired += over_budget(live, self.settings.auto_max_bytes, now)[0]
         report.deleted = [r.name for r in report.retired]
         kept = [c for c in records if c.name not in report.deleted]
-        report.volume_files = [(str(path), path.stat().st_size) for path in self._orphan_volumes(records)]
+        for path in self._orphan_volumes(records):
+            try:
+                report.volume_files.append((str(path), path.lstat().st_size))  # never through a link
+            except FileNotFoundError:
+                continue  # removed since it was listed
         report.volumes_removed = len(report.volume_files)
         unneeded = self.store.unneeded(self._pinned_by(kept), pulled_since=(now - unused).timestamp())
         report.blobs = [(str(digest), size) for digest, size in unneeded]

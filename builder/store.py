@@ -562,7 +562,12 @@ class Store:
         """The blobs ``gc`` would remove now, with their sizes, reading only (``imc gc
         --dry-run``)."""
         live = self._live(pinned, pulled_since)
-        return [(digest, path.lstat().st_size) for digest, path in self.all_blobs() if digest not in live]
+        out = []
+        for digest, path in self.all_blobs():
+            if digest not in live:
+                with contextlib.suppress(FileNotFoundError):  # a gc running now took it
+                    out.append((digest, path.lstat().st_size))
+        return out
 
     def gc(self, pinned: Callable[[], set[Digest]] | None = None, pulled_since: float | None = None) -> GcReport:
         """Remove blobs no image needs, nor any manifest that ``pinned()`` names (with
