@@ -459,7 +459,8 @@ class RegistryEndpoint:
                  work: _Work) -> Tagged | Reply | None:
         """Ask ``registry`` what the tag names now and fetch what is new; if it cannot
         answer, serve the last resolution when allowed (and held), else its error."""
-        stale = self._held_resolution(recorded) if self.stale_if_error else None
+        held = self._held_resolution(recorded)
+        stale = held if self.stale_if_error else None
         state = self._states[registry]
         if not state.admit():
             if stale is not None and recorded is not None:
@@ -472,11 +473,11 @@ class RegistryEndpoint:
             state.reached()  # no contact made: the probe ends here
             return None
 
-        probe = state.down
+        once = state.down or stale is not None  # a probe, or a client the held content answers
 
         def resolve() -> _Resolved | ImcError:
             try:
-                return self._resolve(ref, stale, probe)
+                return self._resolve(ref, held, once)
             except ImcError as e:
                 return e
 
@@ -502,18 +503,17 @@ class RegistryEndpoint:
             self._recorded[key] = (result.digest, now)
         return Tagged(registry, name, tag, result.digest, None)
 
-    def _resolve(self, ref: Reference, held: Tagged | None, probe: bool) -> _Resolved:
-        """What ``ref`` names upstream now, fetched into the store if it is new. With
-        content ``held`` for the tag, one try to ask: a client waits, and the held content
-        answers it if the upstream does not; a ``probe`` tries once too."""
+    def _resolve(self, ref: Reference, held: Tagged | None, once: bool) -> _Resolved:
+        """What ``ref`` names upstream now: the ``held`` content if the tag still names
+        it, else pulled into the store. ``once``: one try (a probe of a down upstream,
+        or a client that the held content answers if the upstream does not)."""
         assert self.pull_through is not None and ref.tag is not None
         store = self.caches.store
-        if held is not None:
-            # A HEAD: registries that limit pulls (Docker Hub) count manifest GETs only.
-            quick = self._bounded(self.pull_through, once=True)
-            if quick.registry(ref.api_host).current_digest(ref.repository, ref.tag) == held.digest:
-                return _Resolved(held.digest, store.manifest(held.digest).media_type, False, 0)
-        result = self._bounded(self.pull_through, once=probe).pull([ref])
+        puller = self._bounded(self.pull_through, once=once)
+        # Asked with a HEAD: registries that limit pulls (Docker Hub) count manifest GETs only.
+        if held is not None and puller.registry(ref.api_host).current_digest(ref.repository, ref.tag) == held.digest:
+            return _Resolved(held.digest, store.manifest(held.digest).media_type, False, 0)
+        result = puller.pull([ref])
         image = result.images[0]
         top = image.index_digest or image.descriptor.digest
         self.index.refresh(force=True)

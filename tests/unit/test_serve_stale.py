@@ -109,9 +109,10 @@ def test_an_upstream_is_left_alone_for_a_growing_window_and_probed_once() -> Non
 # -- tags asked again, recorded -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stale_if_error", [True, False])
 def test_a_pulled_through_tag_is_asked_again_and_its_resolution_recorded(
-        caches: Caches, upstream: FaultServer, image: Any, clock: Clock) -> None:
-    endpoint = pulling(caches, upstream, clock)
+        caches: Caches, upstream: FaultServer, image: Any, clock: Clock, stale_if_error: bool) -> None:
+    endpoint = pulling(caches, upstream, clock, stale_if_error)
     first = get(endpoint, f"/v2/{REPO}/manifests/v2")
     assert first.status == 200 and body(first) == image.manifest.data
     assert first.outcome is not None and first.outcome.hit is False and first.outcome.upstream_bytes > 0
