@@ -73,7 +73,7 @@ def _interrupt(signum: int, frame: object) -> None:
                    "out, 5xx, 404), serve the digest it last resolved, from the store; else pass the error on.")
 @click.option("--offline", is_flag=True,
               help="Never contact an upstream: serve the caches, the store's images and the tags pull-through "
-                   "recorded, nothing else.")
+                   "recorded, nothing else (and check no tags for drift).")
 @click.option("--sweep-interval", type=float, default=3600.0, show_default=True,
               help="Seconds between sweeps of expired caches (0: never).")
 @click.option("--drift-interval", type=_Duration(), default=str(int(DRIFT_INTERVAL)), show_default="10m",
@@ -130,7 +130,7 @@ def serve(ctx: Context, listen: str, allow_remote: bool, pull_through: bool, ups
         raise ValidationError("--tls-cert and --tls-key go together: give both, or neither")
     tls = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
     server = Server(ctx.caches, address, puller, listed, sweep_interval, api_token=token,
-                    max_connections=max_connections, drift_interval=drift_interval, tls=tls,
+                    max_connections=max_connections, drift_interval=0 if offline else drift_interval, tls=tls,
                     stale_if_error=stale_if_error, offline=offline)
     configure_log(log_level, log_format)
     signal.signal(signal.SIGTERM, _interrupt)
