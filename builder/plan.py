@@ -123,6 +123,8 @@ class ImagePlan:
     manifest_bytes: int
     """The manifest's (and index's) own bytes: read by the plan, and packed into the volume."""
     blobs: list[BlobPlan]
+    index: str | None = None
+    index_size: int = 0
 
     def totals(self) -> Totals:
         out = Totals()
@@ -156,7 +158,10 @@ class Plan:
 
     @property
     def manifest_bytes(self) -> int:
-        return sum(i.manifest_bytes for i in self.images)
+        """Manifests and indexes, each counted once (two tags may name the same one)."""
+        manifests = {i.digest: i.manifest_bytes - i.index_size for i in self.images}
+        indexes = {i.index: i.index_size for i in self.images if i.index}
+        return sum(manifests.values()) + sum(indexes.values())
 
     def estimated_with(self) -> list[Ratio]:
         """The ratios the estimate used: those of the compressions of its estimated layers."""
@@ -234,6 +239,7 @@ def plan(caches: Caches, spec: CacheSpec, own: ImageCache | None = None, timeout
     images: list[ImagePlan] = []
     read = 0
     counted = 0
+    sizes: dict[Digest, tuple[int, bool]] = {}  # a blob shared by images is counted once
     for text in spec.images:
         ref = parse_reference(text)
         resolved = puller.resolve(ref, keep_index=False)
@@ -246,11 +252,14 @@ def plan(caches: Caches, spec: CacheSpec, own: ImageCache | None = None, timeout
             origin = _origin(store, sources, desc.digest)
             holders = tuple(s.name.removeprefix("cache:") for s in others
                             if origin != STORE and s.volume.has(desc.digest))
-            unpacked, estimated = _unpacked(store, desc, ratios, max(limit - counted, 0))
-            counted += unpacked
+            if desc.digest not in sizes:
+                sizes[desc.digest] = _unpacked(store, desc, ratios, max(limit - counted, 0))
+                counted += sizes[desc.digest][0]
+            unpacked, estimated = sizes[desc.digest]
             blobs.append(BlobPlan(desc, origin, holders, unpacked, estimated))
         images.append(ImagePlan(str(ref), str(resolved.descriptor.digest),
-                                str(resolved.platform) if resolved.platform else None, manifest_bytes, blobs))
+                                str(resolved.platform) if resolved.platform else None, manifest_bytes, blobs,
+                                str(resolved.index_digest) if resolved.index_digest else None, resolved.index_size))
     return Plan(images, spec.size_gib, spec.reuse, ratios, TransferLog(caches.home).rate(), read)
 
 

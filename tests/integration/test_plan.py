@@ -242,3 +242,19 @@ def test_apply_dry_run_server_plans_every_document_and_changes_nothing(tmp_path:
     assert [(i["name"], i["fits"]) for i in doc["items"]] == [("web", True), ("big", False)]
     assert json.loads(run_imc(home, "cache", "list", "-o", "json").stdout)["items"] == []
     assert volume_files(home) == []
+
+
+def test_an_image_named_twice_counts_once_as_in_the_build(tmp_path: Path, plain_registry: Any,
+                                                          catalogue: dict[str, Any]) -> None:
+    """A tag and the digest it points at are two references to one image: the build
+    packs (and counts) its manifest and blobs once, and so does the plan."""
+    with proxied(plain_registry) as proxy:
+        caches = Caches(tmp_path)
+        digest = catalogue["images"]["fixtures/multi:1.0"]["digest"]
+        s = proxy_spec(proxy, "fixtures/multi:1.0", f"fixtures/multi@{digest}")
+        p = plan(caches, s)
+        assert p.totals().to_fetch == p.images[0].totals().to_fetch
+        proxy.reset()
+        origins = build_counting(caches, "twice", s)
+        assert_plan_is_what_the_build_does(p, origins, proxy)
+        assert plan(caches, s).unpacked == caches.get("twice").unpacked_bytes
