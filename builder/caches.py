@@ -136,6 +136,7 @@ class CachesGcReport:
     bytes_freed: int = 0
     partials_removed: int = 0
     retired: list[Retirement] = field(default_factory=list)
+    auto_bytes: int = 0  # what the automatic caches' volumes hold once gc is done
     volume_files: list[tuple[str, int]] = field(default_factory=list)
     blobs: list[tuple[str, int]] = field(default_factory=list)
 
@@ -579,7 +580,8 @@ class Caches:
         live, report.deleted = self._sweep()
         report.retired = [expired(c, self.expiry(c, unused) or now, self.settings.auto_unused_days)
                           for c in records if c.name in report.deleted]
-        report.retired += self._enforce_budget(live, now)
+        gone, report.auto_bytes = self._enforce_budget(live, now)
+        report.retired += gone
         report.deleted += [r.name for r in report.retired if r.name not in report.deleted]
         for cache in live:
             if cache.name not in report.deleted:
@@ -595,9 +597,10 @@ class Caches:
     def enforce_budget(self) -> list[Retirement]:
         """Delete automatic caches, least recently used first, until they hold no more
         than ``auto_max_bytes`` (or none may go); what went, and why."""
-        return self._enforce_budget(self._sweep()[0], self.clock())
+        return self._enforce_budget(self._sweep()[0], self.clock())[0]
 
-    def _enforce_budget(self, live: list[ImageCache], now: dt.datetime) -> list[Retirement]:
+    def _enforce_budget(self, live: list[ImageCache], now: dt.datetime) -> tuple[list[Retirement], int]:
+        """The caches deleted for the budget, and the bytes the automatic caches hold after."""
         victims, left = over_budget(live, self.settings.auto_max_bytes, now)
         gone = []
         for victim in victims:
@@ -609,9 +612,9 @@ class Caches:
                      victim.reason)
             gone.append(victim)
         if left > self.settings.auto_max_bytes > 0:
-            log.warning("automatic image caches hold %s, over auto_max_bytes (%s): every other one was used "
-                        "within the last hour or is being built", size_text(left), size_text(self.settings.auto_max_bytes))
-        return gone
+            log.warning("automatic image caches hold %s, over auto_max_bytes (%s): the rest were used within the "
+                        "last hour or are being built", size_text(left), size_text(self.settings.auto_max_bytes))
+        return gone, left
 
     def _warn_expiring(self, cache: ImageCache, now: dt.datetime) -> None:
         """Record the ``ExpiringSoon`` warning on a cache that is due one (a write only then)."""
@@ -640,7 +643,8 @@ class Caches:
                 report.retired.append(expired(cache, expire, self.settings.auto_unused_days))
             else:
                 live.append(cache)
-        report.retired += over_budget(live, self.settings.auto_max_bytes, now)[0]
+        victims, report.auto_bytes = over_budget(live, self.settings.auto_max_bytes, now)
+        report.retired += victims
         report.deleted = [r.name for r in report.retired]
         kept = [c for c in records if c.name not in report.deleted]
         for path in self._orphan_volumes(records):

@@ -518,7 +518,7 @@ def volume_export(ctx: Context, name: str, fmt: str, out: str, images: tuple[str
 
 @click.group()
 def config() -> None:
-    """imc's settings: quotas and automatic-cache expiry."""
+    """imc's settings: quotas, automatic-cache expiry and byte budget, pull bounds."""
 
 
 @config.command("get")

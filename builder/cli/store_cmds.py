@@ -152,8 +152,10 @@ def gc(ctx: Context, dry_run: bool, output: str) -> None:
     """Delete expired caches and the automatic caches over auto_max_bytes, then remove
     blobs, volumes and partial downloads nothing needs."""
     report = ctx.caches.gc(dry_run=dry_run)
+    budget = ctx.caches.settings.auto_max_bytes
     if output != "table":
-        doc = {"dryRun": dry_run, "cachesDeleted": report.deleted,
+        doc = {"dryRun": dry_run, "cachesDeleted": report.deleted, "autoBytes": report.auto_bytes,
+               "autoMaxBytes": budget,
                "caches": [{"name": r.name, "id": r.id, "cause": r.cause, "reason": r.reason, "bytes": r.bytes}
                           for r in report.retired],
                "blobsRemoved": report.blobs_removed, "bytesFreed": report.bytes_freed,
@@ -171,6 +173,7 @@ def gc(ctx: Context, dry_run: bool, output: str) -> None:
         for digest, size in report.blobs:
             click.echo(f"would remove blob {digest} ({human(size)}): no image, cache or recent pull needs it")
         freed = sum(r.bytes for r in report.retired) + sum(s for _, s in report.volume_files) + report.bytes_freed
+        _over_budget(report.auto_bytes, budget, "would still hold")
         click.echo(f"would free {human(freed)}: {_count(len(report.retired), 'cache')}, "
                    f"{_count(report.volumes_removed, 'orphan volume file')}, {_count(report.blobs_removed, 'blob')}; "
                    "nothing was deleted")
@@ -179,8 +182,15 @@ def gc(ctx: Context, dry_run: bool, output: str) -> None:
         click.echo(f"deleted image cache {r.name}: {r.reason}")
     for name in sorted(set(report.deleted) - {r.name for r in report.retired}):
         click.echo(f"deleted expired image cache {name}")
+    _over_budget(report.auto_bytes, budget, "still hold")
     click.echo(f"removed {report.blobs_removed} blobs ({human(report.bytes_freed)}), "
                f"{report.volumes_removed} volume files and {report.partials_removed} partial downloads")
+
+
+def _over_budget(held: int, budget: int, verb: str) -> None:
+    if held > budget > 0:
+        click.echo(f"automatic caches {verb} {human(held)}, over auto_max_bytes ({human(budget)}): the rest were "
+                   "used within the last hour or are being built")
 
 
 def _count(n: int, noun: str) -> str:

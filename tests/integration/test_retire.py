@@ -249,7 +249,8 @@ def test_over_the_budget_the_least_recently_used_automatic_caches_go_first(tmp_p
 
     # A budget nothing meets: auto-c goes, auto-b (used within the hour) stays, over budget.
     Settings(auto_max_bytes=1).save(Home(tmp_path).settings)
-    assert [r.name for r in caches.gc().retired] == ["auto-c"]
+    report = caches.gc()
+    assert [r.name for r in report.retired] == ["auto-c"] and report.auto_bytes == sizes["auto-b"]
     assert sorted(c.name for c in caches.list()) == ["auto-b", "manual"]
     assert any(r.levelname == "WARNING" and "used within the last hour" in r.getMessage() for r in caplog.records)
     clock.now += dt.timedelta(hours=1)
@@ -321,7 +322,7 @@ def test_gc_dry_run_lists_what_gc_would_delete_and_why_and_deletes_nothing(tmp_p
     dry = json.loads(ok(home, "gc", "--dry-run", "-o", "json").stdout)
     assert snapshot(home) == before  # nothing deleted, nothing written
 
-    assert dry["dryRun"] is True
+    assert dry["dryRun"] is True and dry["autoMaxBytes"] == 1 and dry["autoBytes"] == 0  # both automatic ones go
     assert {c["name"]: c["cause"] for c in dry["caches"]} == {"past": "expired", "auto-stale": UNUSED,
                                                              "auto-big": BUDGET}
     reasons = {c["name"]: c["reason"] for c in dry["caches"]}
