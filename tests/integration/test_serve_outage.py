@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from regfix import RegistrySet
+from support.faultserver import Abort, FaultServer
 from support.imccli import IMC, imc_env
+
+from builder.caches import Caches
+from builder.registry.auth import Keychain
+from builder.registry.hosts import HostPolicy
+from builder.server.app import Server
+from builder.server.registry import pull_through_puller
 
 IMAGES = ("fixtures/app:1.0", "fixtures/app:2.0", "fixtures/oci-app:1.0", "fixtures/multi:1.0")
 PODMAN_IMAGES = ("fixtures/app:1.0", "fixtures/oci-app:1.0")
@@ -225,3 +233,40 @@ def test_offline_serves_what_pull_through_recorded_and_never_connects(
     finally:
         offline.stop()
     assert accepted(listener) == 0
+
+
+def test_a_burst_while_the_upstream_is_down_makes_only_the_connections_the_back_off_allows(tmp_path: Path) -> None:
+    """Forty clients at once, over HTTP, while the upstream resets every connection (a
+    load balancer with no backend: the scripted server, since registry:2 cannot be made
+    to): twenty ask for a tag pulled through before, twenty for a blob never held.
+    Every one is answered (stale, or 503 at once); the upstream sees only the first
+    failure and the probes the back-off allowed, never one connection per client."""
+    with FaultServer(repository="team/app") as upstream:
+        image = upstream.add_image([b"layer one " * 500, b"layer two " * 300], tag="1.0")
+        missing = upstream.add_blob(b"never pulled").digest
+        caches = Caches(tmp_path / "home")
+        puller = pull_through_puller(caches.store, HostPolicy(plain_http=frozenset({upstream.endpoint})),
+                                     Keychain(use_docker_config=False))
+        server = Server(caches, ("127.0.0.1", 0), pull_through=puller, upstreams=[upstream.endpoint],
+                        sweep_interval=0, drift_interval=0).start()
+        base = f"http://{server.address}/v2/team/app"
+        try:
+            assert requests.get(f"{base}/manifests/1.0", timeout=30).content == image.manifest.data
+            for path in (upstream.manifest_path("1.0"), upstream.blob_path(missing)):
+                upstream.always(path, Abort())
+            assert requests.get(f"{base}/manifests/1.0", timeout=30).status_code == 200  # stale: now down
+            state = server.registry.upstream_state(upstream.endpoint)
+            assert state.down
+            connections, admitted = len(upstream.requests), state.attempts
+
+            def ask(path: str) -> int:
+                return requests.get(f"{base}/{path}", timeout=60).status_code
+
+            with ThreadPoolExecutor(max_workers=40) as pool:
+                statuses = list(pool.map(ask, [f"blobs/{missing}", "manifests/1.0"] * 20))
+            assert statuses.count(200) == 20 and statuses.count(503) == 20
+            probes = len(upstream.requests) - connections
+            assert probes == state.attempts - admitted  # each connection one the back-off admitted
+            assert probes <= 5  # windows of 2, 4, 8, 16 and 30 s: five probes would take a minute
+        finally:
+            server.stop()
