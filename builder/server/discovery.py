@@ -27,6 +27,7 @@ from builder.imagecache import (
     SIZE_DEFAULT,
     SIZE_MAX,
     SIZE_MIN,
+    STALE_CONDITION,
 )
 
 GROUP = "eci.alibabacloud.com"
@@ -127,6 +128,23 @@ def image_cache_schema() -> dict[str, Any]:
             "lastUsedTime": {"type": "string", "format": "date-time",
                              "description": "The last use: a match, or a hit through imc serve."},
             "hitCount": {"type": "integer", "description": "Manifests and blobs imc serve answered from the cache."},
+            "conditions": {
+                "type": "array",
+                "description": "Kubernetes-shaped conditions; Stale is True while a tag the cache was built "
+                               "from points at other content.",
+                "items": {
+                    "type": "object",
+                    "required": ["type", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                        "reason": {"type": "string"},
+                        "message": {"type": "string"},
+                        "lastTransitionTime": {"type": "string", "format": "date-time"},
+                        "observedGeneration": {"type": "integer"},
+                    },
+                },
+            },
             "message": {"type": "string"},
         },
     }
@@ -263,9 +281,12 @@ COLUMNS = [
      "description": "Time since the cache was last used (a match, or a hit through imc serve)."},
     {"name": "Hits", "type": "integer", "format": "", "priority": 1,
      "description": "Manifests and blobs imc serve answered from the cache."},
+    {"name": "Stale", "type": "string", "format": "", "priority": 1,
+     "description": "yes when a tag the cache was built from moved (the Stale condition), no when checked "
+                    "and current, - when never checked."},
 ]
 """The CRD's printer columns: NAME, AGE, CACHEID, PHASE, PROGRESS, and with ``-o wide``
-SIZE, IMAGES, LAST-USED and HITS."""
+SIZE, IMAGES, LAST-USED, HITS and STALE (as ``imc cache list`` shows it)."""
 
 
 def wants_table(accept: str) -> bool:
@@ -319,6 +340,11 @@ def _age(created: str | None, now: dt.datetime) -> str:
     return human_duration((now - since).total_seconds())
 
 
+def _stale(status: dict[str, Any]) -> str:
+    found = next((c for c in status.get("conditions", []) if c.get("type") == STALE_CONDITION), None)
+    return "-" if found is None else "yes" if found.get("status") == "True" else "no"
+
+
 def table(objects: list[dict[str, Any]], now: dt.datetime, include: str = "Metadata",
           list_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """ImageCache objects as a Table, ages counted to ``now``. ``include`` is the
@@ -330,7 +356,8 @@ def table(objects: list[dict[str, Any]], now: dt.datetime, include: str = "Metad
         cells = [meta.get("name"), _age(meta.get("creationTimestamp"), now), status.get("imageCacheId") or meta.get("uid"),
                  status.get("phase") or "", status.get("progress") or "", spec.get("imageCacheSize"),
                  ",".join(spec.get("images", [])),
-                 _age(status["lastUsedTime"], now) if status.get("lastUsedTime") else None, status.get("hitCount", 0)]
+                 _age(status["lastUsedTime"], now) if status.get("lastUsedTime") else None, status.get("hitCount", 0),
+                 _stale(status)]
         row: dict[str, Any] = {"cells": cells}
         if include == "Object":
             row["object"] = obj

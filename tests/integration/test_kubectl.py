@@ -159,8 +159,9 @@ def test_create_get_in_every_format_and_delete(kube: Kube, plain_registry: Any) 
     assert re.fullmatch(r"\d+s", age) and re.fullmatch(r"imc-[a-z0-9]{17}", cache_id)
 
     wide = kube.run("get", "imc", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "AGE", "CACHEID", "PHASE", "PROGRESS", "SIZE", "IMAGES", "LAST-USED", "HITS"]
-    assert wide[1].split()[5:] == ["20", f"{plain_registry.host}/fixtures/app:1.0", "0"]  # never used: no LAST-USED
+    assert wide[0].split() == ["NAME", "AGE", "CACHEID", "PHASE", "PROGRESS", "SIZE", "IMAGES", "LAST-USED", "HITS",
+                                "STALE"]
+    assert wide[1].split()[5:] == ["20", f"{plain_registry.host}/fixtures/app:1.0", "0", "-"]  # never used, never checked
 
     obj = json.loads(kube.run("get", "imagecache", "web", "-o", "json").stdout)
     assert obj["kind"] == "ImageCache" and obj["status"]["imageCacheId"] == cache_id

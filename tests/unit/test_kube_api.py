@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from builder.caches import BuildLease, Caches
+from builder.imagecache import STALE_CONDITION
 from builder.server import discovery
 from builder.server.api import ImageCacheAPI
 
@@ -111,18 +112,22 @@ def test_list_as_table_has_the_crd_columns(api: ImageCacheAPI) -> None:
     names = [c["name"] for c in table["columnDefinitions"] if c["priority"] == 0]
     assert names == ["Name", "Age", "CacheId", "Phase", "Progress"]
     wide = [c["name"] for c in table["columnDefinitions"] if c["priority"] == 1]
-    assert wide == ["Size", "Images", "Last-Used", "Hits"]
+    assert wide == ["Size", "Images", "Last-Used", "Hits", "Stale"]
     rows = {r["cells"][0]: r for r in table["rows"]}
     assert set(rows) == {"web", "api"}
     web = rows["web"]
-    assert web["cells"][2:] == [created["status"]["imageCacheId"], "Creating", "0%", 20, IMAGE, None, 0]
+    assert web["cells"][2:] == [created["status"]["imageCacheId"], "Creating", "0%", 20, IMAGE, None, 0, "-"]
     assert web["cells"][1].endswith("s")  # an age, not a timestamp
     api.caches.mark_used("web", 3)
     _, table = call(api, "GET", PREFIX, accept=TABLE)
-    used = {r["cells"][0]: r["cells"][-2:] for r in table["rows"]}
+    used = {r["cells"][0]: r["cells"][-3:-1] for r in table["rows"]}
     assert used["web"][0].endswith("s") and used["web"][1] == 3 and used["api"] == [None, 0]
     assert web["object"]["kind"] == "PartialObjectMetadata"
     assert web["object"]["metadata"]["name"] == "web"
+    api.caches.change("web", lambda c: c.set_condition(STALE_CONDITION, True, "TagDrifted", "moved"))
+    api.caches.change("api", lambda c: c.set_condition(STALE_CONDITION, False, "TagsCurrent", "current"))
+    _, table = call(api, "GET", PREFIX, accept=TABLE)
+    assert {r["cells"][0]: r["cells"][-1] for r in table["rows"]} == {"web": "yes", "api": "no"}
 
 
 def test_table_of_one_and_include_object(api: ImageCacheAPI) -> None:
