@@ -34,6 +34,7 @@ demo: install
 	@bash registry-fixtures/demo.sh
 
 bench: install bytecode
+	@bash registry-fixtures/install-bench-deps.sh
 	$(PY) bench/run.py
 
 fixtures: install

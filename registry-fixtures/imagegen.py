@@ -24,12 +24,14 @@ import json
 import os
 import random
 import re
+import stat
 import struct
 import sys
 import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -666,6 +668,148 @@ class FixtureBuilder:
         digest = "sha256:" + compressed.hash.hexdigest()
         os.replace(tmp, self.store.path(digest))
         return Layer(digest, compressed.count, "sha256:" + uncompressed.hash.hexdigest(), uncompressed.count, "gzip")
+
+
+# --------------------------------------------------------------------------- real-file image
+
+REAL_FILES_VERSION = 1
+REAL_FILES_REF = "bench/realfiles:1.0"
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RealLayer:
+    """One layer of the real-file image: files under ``roots`` (sorted, taken while
+    their sizes add up to at most ``budget`` bytes), only names ending in ``suffix``."""
+
+    name: str
+    roots: tuple[str, ...]
+    budget: int
+    suffix: str = ""
+    exclude: tuple[str, ...] = ()
+
+
+def _java_home() -> Path | None:
+    """The first Java runtime under /usr/lib/jvm (OpenJDK's first), if any."""
+    homes = sorted(p for p in Path("/usr/lib/jvm").glob("*") if not p.is_symlink() and (p / "bin" / "java").exists())
+    homes.sort(key=lambda p: "openjdk" not in p.name)
+    return homes[0] if homes else None
+
+
+def real_file_layers() -> list[RealLayer]:
+    """What the real-file image is made of on this machine: a library tree, Python's
+    standard library, shared data, a Java runtime and jars."""
+    java = _java_home()
+    jre = tuple(str(java / d) for d in ("bin", "conf", "legal", "lib", "release")) if java else ()
+    return [
+        RealLayer("system libraries", ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"), 270 * _MIB),
+        RealLayer("python", tuple(sorted(str(p) for p in Path("/usr/lib").glob("python3*"))), 110 * _MIB),
+        RealLayer("shared data", ("/usr/share",), 220 * _MIB, exclude=("/usr/share/java", "/usr/share/maven-repo")),
+        RealLayer("java runtime", jre, 240 * _MIB),
+        RealLayer("jars", ("/usr/share/java", "/usr/share/maven-repo", "/usr/lib/jvm", str(Path.home() / ".m2")),
+                  120 * _MIB, suffix=".jar"),
+    ]
+
+
+def _real_files(layer: RealLayer) -> Iterator[tuple[str, os.stat_result]]:
+    """The layer's regular files and symbolic links, sorted by path, within its budget."""
+    total = 0
+    for root in layer.roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            # __pycache__ changes whenever a Python imports from the tree: never part of the image
+            dirnames[:] = sorted(d for d in dirnames
+                                 if d != "__pycache__" and os.path.join(dirpath, d) not in layer.exclude)
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if layer.suffix and not name.endswith(layer.suffix):
+                    continue
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    if not os.access(path, os.R_OK):
+                        continue
+                    if total + st.st_size > layer.budget:
+                        return
+                    total += st.st_size
+                elif not stat.S_ISLNK(st.st_mode):
+                    continue
+                yield path, st
+        if os.path.isfile(root) and not layer.suffix:  # a root that is a single file (a JRE's release)
+            st = os.lstat(root)
+            if total + st.st_size <= layer.budget:
+                total += st.st_size
+                yield root, st
+
+
+def build_real_layer(blob_dir: Path, layer: RealLayer) -> Layer:
+    """Tar and gzip -6 one real-file layer, reproducibly: sorted entries, parents
+    before children, fixed owner and mtime, modes as on disk."""
+    fd, tmp = tempfile.mkstemp(dir=blob_dir, prefix=".tmp-")
+    seen_dirs: set[str] = set()
+    with os.fdopen(fd, "wb") as raw:
+        compressed = _HashingWriter(raw)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=6, mtime=0) as gz:
+            uncompressed = _HashingWriter(gz)
+            with tarfile.open(fileobj=uncompressed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for path, st in _real_files(layer):
+                    name = path.lstrip("/")
+                    parts = name.split("/")
+                    for i in range(1, len(parts)):
+                        parent = "/".join(parts[:i])
+                        if parent not in seen_dirs:
+                            seen_dirs.add(parent)
+                            tar.addfile(_tarinfo(parent, "dir", 0, 0o755))
+                    mode = st.st_mode & 0o7777
+                    if stat.S_ISLNK(st.st_mode):
+                        tar.addfile(_tarinfo(name, "symlink", 0, 0o777, os.readlink(path)))
+                        continue
+                    with open(path, "rb") as f:
+                        tar.addfile(_tarinfo(name, "file", st.st_size, mode), f)
+    digest = "sha256:" + compressed.hash.hexdigest()
+    os.replace(tmp, blob_dir / digest.split(":")[1])
+    return Layer(digest, compressed.count, "sha256:" + uncompressed.hash.hexdigest(), uncompressed.count, "gzip")
+
+
+def build_real_files(store: BlobStore) -> Image:
+    """``bench/realfiles:1.0``: about five gzip -6 layers of this machine's own files
+    (libraries, Python, shared data, a Java runtime, jars), for benchmarks only.
+
+    Built once into the store, keyed by REAL_FILES_VERSION: its digest is stable on
+    one machine as long as the cache is kept (rebuilt if a blob went missing).
+    """
+    builder = FixtureBuilder(store)
+    marker = store.root / f"realfiles-v{REAL_FILES_VERSION}.json"
+    cached = json.loads(marker.read_text()) if marker.exists() else None
+    if cached is None or not all(store.has(d, s) for d, s in cached["blobs"]):
+        specs = [spec for spec in real_file_layers() if any(os.path.exists(r) for r in spec.roots)]
+        with ProcessPoolExecutor(max_workers=max(1, min(len(specs), os.cpu_count() or 1))) as pool:
+            layers = list(pool.map(build_real_layer, [store.blob_dir] * len(specs), specs))
+        sources = [f"{spec.name}: {', '.join(r for r in spec.roots if os.path.exists(r))}" for spec in specs]
+        cfg = builder.config("amd64", layers, ["/bin/sh"], ["PATH=/usr/bin:/bin"],
+                             [f"COPY {source}" for source in sources])
+        cached = {"layers": [asdict(layer) for layer in layers], "config": cfg, "sources": sources}
+        manifest = builder.manifest(True, cfg, [(layer, OCI_LAYER_GZIP) for layer in layers])
+        cached["blobs"] = manifest.blob_digests()
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        os.replace(tmp, marker)
+    layers = [Layer(**entry) for entry in cached["layers"]]
+    manifest = builder.manifest(True, cached["config"], [(layer, OCI_LAYER_GZIP) for layer in layers])
+    repository, tag = REAL_FILES_REF.split(":")
+    total = sum(layer.size for layer in layers) / 1e6
+    return builder.single(repository, tag, f"OCI manifest, {total:.0f} MB in {len(layers)} gzip -6 layers of real files "
+                          f"({'; '.join(cached['sources'])})", manifest)
+
+
+def push_real_files(host: str, scheme: str = "http", ca_file: str | None = None,
+                    cache_dir: Path = DEFAULT_CACHE_DIR) -> dict[str, Any]:
+    """Build (once) and push the real-file image; return its catalogue entry."""
+    store = BlobStore(cache_dir)
+    image = build_real_files(store)
+    push_images(RegistryClient(host, scheme, ca_file), store, [image])
+    return catalogue_entry(image)
 
 
 class _HashingWriter(io.RawIOBase):
