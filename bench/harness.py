@@ -24,15 +24,17 @@ IMC = [str(Path(sys.executable).parent / "imc")]
 
 @dataclass
 class Run:
-    """One timed command: wall seconds and peak resident memory."""
+    """One timed command: wall seconds, CPU seconds (user and system, its children's
+    included) and peak resident memory."""
 
     seconds: float
     max_rss_bytes: int
+    cpu_seconds: float = 0.0
 
 
 def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Run:
     """Run a command to completion after flushing dirty pages (so one run's writeback
-    does not slow the next); its wall time and its own peak RSS."""
+    does not slow the next); its wall time, CPU time and its own peak RSS."""
     os.sync()
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "measure.py"), *argv], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
@@ -40,7 +42,7 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Run:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {err[-2000:]}")
     measured = json.loads(err.splitlines()[-1])
-    return Run(measured["seconds"], measured["maxrss_kb"] * 1024)
+    return Run(measured["seconds"], measured["maxrss_kb"] * 1024, measured["cpu_seconds"])
 
 
 @dataclass
@@ -58,6 +60,14 @@ class SideBySide:
     @property
     def peer_median(self) -> float:
         return statistics.median(r.seconds for r in self.peer)
+
+    @property
+    def imc_cpu_median(self) -> float:
+        return statistics.median(r.cpu_seconds for r in self.imc)
+
+    @property
+    def peer_cpu_median(self) -> float:
+        return statistics.median(r.cpu_seconds for r in self.peer)
 
 
 def side_by_side(name: str, rounds: int, imc: Callable[[], Run], peer: Callable[[], Run],
