@@ -79,7 +79,7 @@ from builder.oci import OCI_MANIFEST, Descriptor, detect_media_type
 from builder.reference import Reference
 from builder.reference import parse as parse_reference
 from builder.registry.auth import Keychain
-from builder.registry.blobs import BlobSink
+from builder.registry.blobs import CHUNK, BlobSink
 from builder.registry.client import Registry
 from builder.registry.hosts import HostPolicy
 from builder.registry.retry import RetryPolicy
@@ -371,8 +371,11 @@ class _MemorySink:
     def offset(self) -> int:
         return len(self.data)
 
-    def write(self, data: memoryview | bytes) -> None:
-        self.data += data
+    def receive(self, read: Callable[[memoryview], int]) -> int:
+        buf = memoryview(bytearray(CHUNK))
+        n = read(buf)
+        self.data += buf[:n]
+        return n
 
     def reset(self) -> None:
         self.data.clear()
@@ -383,11 +386,19 @@ class _PartSink:
 
     def __init__(self, fd: int, base: int, desc: Descriptor) -> None:
         self.fd, self.base, self.desc = fd, base, desc
+        self._buf: memoryview | None = None
         self._verifier = Verifier(desc.digest, desc.size, f"part {desc.digest}")
 
     @property
     def offset(self) -> int:
         return self._verifier.count
+
+    def receive(self, read: Callable[[memoryview], int]) -> int:
+        if self._buf is None:
+            self._buf = memoryview(bytearray(CHUNK))
+        n = read(self._buf)
+        self.write(self._buf[:n])
+        return n
 
     def write(self, data: memoryview | bytes) -> None:
         pos = self.base + self._verifier.count

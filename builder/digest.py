@@ -8,7 +8,10 @@ ever used as a file name or sent to a registry.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from builder.errors import BadReferenceError, DigestMismatchError
@@ -78,21 +81,45 @@ class Verifier:
         self.what = what or f"blob {expected}"
         self.count = 0
         self._hash = expected.hasher()
+        self._pending: Future[None] | None = None
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
+    def _take(self, n: int) -> None:
         if self.size is not None and self.count + n > self.size:
             raise DigestMismatchError(f"{self.what} is longer than its {self.size} bytes")
-        self._hash.update(data)
         self.count += n
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._take(len(data))
+        self.wait()
+        self._hash.update(data)
+
+    def update_later(self, data: bytearray | memoryview) -> None:
+        """Hash ``data`` on a hashing thread while the caller goes on receiving.
+
+        The caller must leave ``data`` untouched until its next call here (or to
+        ``wait``): that call returns only once these bytes are hashed. So a receiver
+        that alternates two buffers always fills one while the other is hashed. The
+        count (and the size check) moves at once; the digest follows in order.
+        """
+        self._take(len(data))
+        self.wait()
+        self._pending = _hashers().submit(self._hash.update, data)
+
+    def wait(self) -> None:
+        """Return once every byte handed over is hashed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def reset(self) -> None:
         """Start again from no bytes (a download restarting from the beginning)."""
+        self.wait()
         self.count = 0
         self._hash = self.expected.hasher()
 
     def actual(self) -> Digest:
         """The digest of the bytes seen so far."""
+        self.wait()
         return Digest(self.expected.algorithm, self._hash.hexdigest())
 
     def matches(self) -> bool:
@@ -106,6 +133,20 @@ class Verifier:
         actual = self.actual()
         if actual != self.expected:
             raise DigestMismatchError(f"{self.what} digest mismatch: expected {self.expected}, got {actual}")
+
+
+_HASHERS: ThreadPoolExecutor | None = None
+_HASHERS_LOCK = threading.Lock()
+
+
+def _hashers() -> ThreadPoolExecutor:
+    """The threads that hash beside the receivers: hashlib lets go of the GIL while it
+    hashes a large buffer, so they run on other cores. One per core is all hashing can use."""
+    global _HASHERS
+    with _HASHERS_LOCK:
+        if _HASHERS is None:
+            _HASHERS = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="imc-hash")
+        return _HASHERS
 
 
 def hash_file(path: str, algorithm: str = "sha256", chunk: int = 1 << 20) -> tuple[Digest, int]:

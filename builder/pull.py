@@ -20,7 +20,7 @@ from builder.errors import ImcError
 from builder.oci import Descriptor, Index, Manifest, Platform, parse_manifest
 from builder.reference import Reference
 from builder.registry.auth import Keychain, TokenCache
-from builder.registry.blobs import CHUNK, BlobSink
+from builder.registry.blobs import BlobSink
 from builder.registry.client import Registry
 from builder.registry.hosts import HostPolicy
 from builder.registry.retry import RetryPolicy
@@ -313,8 +313,8 @@ class Puller:
                     origin = source.name
                     sink.reset()
                     with stream:
-                        while chunk := stream.read(CHUNK):
-                            sink.write(chunk)
+                        while sink.receive(stream.readinto):
+                            pass
                     return
             origin = REGISTRY
             self._emit(BlobStarted(name, desc.digest, desc.size, desc.media_type, offset=sink.offset))

@@ -51,6 +51,7 @@ REF_NAME = "org.opencontainers.image.ref.name"
 INDEX_ANNOTATION = "dev.imc.index.digest"
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 _HASH_CHUNK = 1 << 20
+RECEIVE_BUFFER = 1 << 20
 WRITEBACK_EVERY = 8 << 20
 STALE_TEMP_SECONDS = 3600
 
@@ -134,6 +135,12 @@ def pread_exact(fd: int, offset: int, n: int, what: str) -> bytes:
     return data
 
 
+def _copy_into(buf: memoryview, data: memoryview) -> int:
+    n = min(len(buf), len(data))
+    buf[:n] = data[:n]
+    return n
+
+
 def _open_partial(path: Path) -> BinaryIO:
     """Open (or create) a partial download to append to and reread."""
     return os.fdopen(open_unlinked(path, os.O_RDWR | os.O_APPEND), "a+b", buffering=0)
@@ -142,7 +149,10 @@ def _open_partial(path: Path) -> BinaryIO:
 class Ingest:
     """A blob being written: hashes as it goes and resumes from a partial file.
 
-    This is the ``BlobSink`` the registry client streams into.
+    This is the ``BlobSink`` the registry client streams into. It lends the reader
+    one of two buffers to fill (``receive``), writes the bytes to the partial file
+    and hands them to a hashing thread, then lends the other buffer: receiving and
+    writing one MiB overlaps hashing the one before, with no copy in between.
     """
 
     def __init__(self, path: Path, digest: Digest, size: int) -> None:
@@ -153,6 +163,7 @@ class Ingest:
         self._file: BinaryIO = _open_partial(path)
         self._resume()
         self._flushed = self._verifier.count
+        self._buffers: tuple[memoryview, ...] = ()
 
     def _resume(self) -> None:
         """Rehash what an earlier attempt left, so the download continues after it."""
@@ -173,12 +184,34 @@ class Ingest:
     def offset(self) -> int:
         return self._verifier.count
 
+    def receive(self, read: Callable[[memoryview], int]) -> int:
+        """Let ``read`` fill a buffer (it returns how many bytes it put there, 0 at
+        the end), then write and hash those bytes; returns the count."""
+        if not self._buffers:
+            self._buffers = (memoryview(bytearray(RECEIVE_BUFFER)), memoryview(bytearray(RECEIVE_BUFFER)))
+        # The other buffer may still be hashing; this one was hashed before it was handed over.
+        view = self._buffers[0]
+        self._buffers = self._buffers[::-1]
+        n = read(view)
+        if n:
+            self._take(view[:n])
+        return n
+
     def write(self, data: memoryview | bytes) -> None:
-        self._verifier.update(data)
-        self._file.write(data)
+        """Append bytes the caller holds (hashed before this returns)."""
+        view = memoryview(data)
+        while view:
+            n = self.receive(lambda buf, view=view: _copy_into(buf, view))
+            view = view[n:]
+
+    def _take(self, data: memoryview) -> None:
+        self._verifier.update_later(data)  # first: bytes beyond the declared size are refused before they are written
+        fd = self._file.fileno()
+        while data:
+            data = data[os.write(fd, data):]
         offset = self._verifier.count
         if offset - self._flushed >= WRITEBACK_EVERY:
-            start_writeback(self._file.fileno(), self._flushed, offset - self._flushed)
+            start_writeback(fd, self._flushed, offset - self._flushed)
             self._flushed = offset
 
     def reset(self) -> None:

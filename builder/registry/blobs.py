@@ -8,10 +8,12 @@ this module only guarantees that exactly ``size`` bytes were delivered in order.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
+
+import requests
 
 from builder.digest import Digest
-from builder.errors import DigestMismatchError, NotFoundError, RegistryError, TransportError
+from builder.errors import DeadlineError, DigestMismatchError, ImcError, NotFoundError, RegistryError, TransportError
 from builder.registry.transport import READ_ERRORS, RegistryTransport
 
 CHUNK = 1 << 20
@@ -24,8 +26,8 @@ class BlobSink(Protocol):
     def offset(self) -> int:
         """Bytes already held, from which a download resumes."""
 
-    def write(self, data: memoryview | bytes) -> None:
-        """Append bytes."""
+    def receive(self, read: Callable[[memoryview], int]) -> int:
+        """Lend ``read`` a buffer to fill, then take the bytes it reports (0: the end)."""
 
     def reset(self) -> None:
         """Drop what is held: the server would not resume, so start again."""
@@ -73,34 +75,109 @@ def _stream(transport: RegistryTransport, repository: str, digest: Digest, size:
                 on_bytes(-sink.offset)
             sink.reset()
             raise TransportError(f"{endpoint}: blob {digest.short} resumed at the wrong offset")
-        raw = resp.raw
-        # Whole CHUNKs are read with read(), which fills them in C: fast, but a
-        # connection that stalls or dies mid-chunk loses that chunk's bytes, so a
-        # resume refetches at most CHUNK. A tail shorter than CHUNK (and so any small
-        # blob) is read with read1, which hands over what has arrived: nothing is lost.
-        # read1 costs a Python call per TLS record, too slow for the bulk of a layer.
-        read1 = getattr(raw, "read1", None) or raw.read
-
-        def receive(n: int) -> bytes:
-            try:
-                return raw.read(n, decode_content=False) if n >= CHUNK else read1(n, decode_content=False)
-            except READ_ERRORS as e:
-                raise TransportError(f"{endpoint}: connection lost during blob {digest.short} at "
-                                     f"{sink.offset} of {size} bytes ({type(e).__name__})") from None
-
+        body = _Body(resp, size - sink.offset, transport,
+                     lambda got: f"blob {digest.short} at {sink.offset + got} of {size} bytes")
         while sink.offset < size:
-            transport.retrier.check_deadline(f"{endpoint}: blob {digest.short} at {sink.offset} of {size} bytes")
-            chunk = receive(min(CHUNK, size - sink.offset))
-            if not chunk:
+            n = sink.receive(body.fill)  # an OSError here is the local disk's (full?): the store reports it
+            if n and on_bytes:
+                on_bytes(n)
+            body.raise_pending()
+            if not n:
                 break
-            sink.write(chunk)  # an OSError here is the local disk's (full?): the store reports it
-            if on_bytes:
-                on_bytes(len(chunk))
-        if sink.offset == size and receive(1):
+        if sink.offset == size and body.more():
             raise DigestMismatchError(f"blob {digest}: registry sent more than the {size} bytes "
                                       "its descriptor declares")
     if sink.offset < size:
         raise TransportError(f"{endpoint}: blob {digest.short} truncated at {sink.offset} of {size} bytes")
+
+
+class _Body:
+    """A blob response's bytes, read straight into the buffers a sink lends.
+
+    ``fill`` keeps reading until the buffer is full: over TLS each read returns one
+    16 KiB record, and a sink that gets whole MiBs writes and hashes them with one
+    call each. A body with a Content-Length is read from the socket straight into
+    the sink's buffer, with no copy on the way (urllib3 and http.client would make
+    two); other bodies (chunked) go through urllib3. If the connection fails or the
+    deadline passes mid-buffer, ``fill`` returns what arrived and the error waits in
+    ``raise_pending``, so no received byte is lost to a resume.
+    """
+
+    def __init__(self, resp: requests.Response, expected: int, transport: RegistryTransport,
+                 where: Callable[[int], str]) -> None:
+        self._transport = transport
+        self._where = where
+        self._pending: ImcError | None = None
+        conn = getattr(resp.raw, "_fp", None)  # the http.client response under urllib3's
+        reader = getattr(conn, "fp", None)
+        length = getattr(conn, "length", None)
+        if reader is not None and not getattr(conn, "chunked", True) and isinstance(length, int) and length >= 0:
+            self._reader = reader
+            self._readinto = self._first_readinto
+            self._left = length  # what the Content-Length still promises; reads never go past it
+        else:
+            self._readinto = self._urllib3_readinto(resp.raw)
+            self._left = -1
+        self._expected = expected
+
+    def _first_readinto(self, view: memoryview) -> int:
+        # What arrived with the headers waits in the reader's buffer: read1 returns it
+        # (or, if there is none, makes one read), and leaves that buffer empty for good,
+        # so every later read goes straight from the socket into the sink's buffer.
+        data = self._reader.read1(len(view))
+        view[:len(data)] = data
+        self._readinto = self._reader.raw.readinto
+        return len(data)
+
+    @staticmethod
+    def _urllib3_readinto(raw: Any) -> Callable[[memoryview], int]:
+        def readinto(view: memoryview) -> int:
+            data = raw.read1(len(view), decode_content=False)
+            view[:len(data)] = data
+            return len(data)
+        return readinto
+
+    def fill(self, view: memoryview) -> int:
+        want = min(len(view), self._expected)
+        if self._left >= 0:
+            want = min(want, self._left)
+        got = 0
+        deadline = self._transport.retrier.policy.deadline
+        try:
+            while got < want:
+                if deadline is not None:
+                    self._transport.retrier.check_deadline(f"{self._transport.endpoint}: {self._where(got)}")
+                n = self._readinto(view[got:want])
+                if not n:
+                    break
+                got += n
+        except READ_ERRORS as e:
+            self._pending = TransportError(f"{self._transport.endpoint}: connection lost during {self._where(got)} "
+                                           f"({type(e).__name__})")
+        except DeadlineError as e:
+            self._pending = e
+        if got == 0 and self._pending is not None:
+            self.raise_pending()
+        self._expected -= got
+        if self._left >= 0:
+            self._left -= got
+        return got
+
+    def raise_pending(self) -> None:
+        """Raise the error that ended the last fill early, if one did."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            raise pending from None
+
+    def more(self) -> bool:
+        """True when the response holds bytes beyond the blob's size."""
+        if self._left >= 0:
+            return self._left > 0
+        probe = memoryview(bytearray(1))
+        try:
+            return self._readinto(probe) > 0
+        except READ_ERRORS:
+            return False
 
 
 def size_of(transport: RegistryTransport, repository: str, digest: Digest) -> int:

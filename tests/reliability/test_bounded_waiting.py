@@ -110,6 +110,23 @@ def test_a_stall_after_90_percent_resumes_from_the_kept_offset(tmp_path: Path, r
     assert list(store.home.ingest.iterdir()) == []
 
 
+def test_a_stall_inside_a_buffer_keeps_every_byte_received(tmp_path: Path, release) -> None:
+    # Bytes are read into MiB buffers; a read that times out inside one hands over
+    # what arrived, so the resume starts at the exact byte, not at a buffer boundary.
+    with FaultServer() as srv:
+        data = payload(5_000_000, 6)
+        image = srv.add_image([data])
+        victim = image.layers[0]
+        path = srv.blob_path(victim.digest)
+        srv.script(path, Stall(release, after=2_500_001))
+        store = Store(tmp_path)
+        puller(srv, store, RetryPolicy(backoff=0.01, timeout=(5.0, 0.3), stall=10.0)).pull(
+            [parse(f"{srv.reference}:v1")])
+        ranges = srv.ranges(path)
+    assert ranges == [None, "bytes=2500001-"]
+    assert store.blob_path(Digest.parse(victim.digest)).read_bytes() == data
+
+
 def imc(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*IMC, "--home", str(home), *args], check=False, capture_output=True, text=True,
                           timeout=120)
