@@ -44,6 +44,17 @@ def _large_blobs(registry: str, work: Path) -> tuple[Path, list[Descriptor]]:
     return home, [image.descriptor, *manifest.blobs()]  # type: ignore[union-attr]
 
 
+def _notes(results: Path) -> str:
+    """What RESULTS.md holds under ``## `` headings (the tables' are ``### ``): notes
+    written by hand, such as the pull path's profile, which a run keeps as they are."""
+    try:
+        text = results.read_text()
+    except FileNotFoundError:
+        return ""
+    at = text.find("\n## ")
+    return "\n" + text[at + 1:] if at >= 0 else ""
+
+
 def main() -> int:
     wanted = [s for s in os.environ.get("BENCH", ",".join(SECTIONS)).split(",") if s]
     unknown = set(wanted) - set(SECTIONS)
@@ -93,7 +104,8 @@ def main() -> int:
               f"{platform.machine()} ({os.cpu_count()} cores), Python {platform.python_version()}; registry:2 "
               "(docker-registry 2.8) and skopeo 1.9 on loopback. Throughput ratios above 1.0x favour imc; for "
               "memory and time ratios, below 1.0x favours imc.\n\n")
-    (ROOT / "bench" / "RESULTS.md").write_text(header + "\n".join(t.markdown() for t in tables))
+    results = ROOT / "bench" / "RESULTS.md"
+    results.write_text(header + "\n".join(t.markdown() for t in tables) + _notes(results))
     print(f"\nwrote {ROOT / 'bench' / 'RESULTS.md'}")
     return 0
 
