@@ -17,7 +17,7 @@ this home's recent pulls measured (``builder.throughput``), or unknown.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from builder.imagecache import GIB, SIZE_MIN, CacheSpec, ImageCache
 from builder.oci import Descriptor, layer_compression
 from builder.pull import REGISTRY, STORE
 from builder.reference import parse as parse_reference
+from builder.registry.blobs import CHUNK
 from builder.registry.client import Registry
 from builder.store import Store
 from builder.throughput import TransferLog
@@ -294,8 +295,11 @@ class _MemorySink:
     def offset(self) -> int:
         return self.verifier.count
 
-    def write(self, data: memoryview | bytes) -> None:
-        self.verifier.update(data)
+    def receive(self, read: Callable[[memoryview], int]) -> int:
+        buf = memoryview(bytearray(CHUNK))
+        n = read(buf)
+        self.verifier.update(buf[:n])
+        return n
 
     def reset(self) -> None:
         self.verifier.reset()
