@@ -7,6 +7,7 @@ this module only guarantees that exactly ``size`` bytes were delivered in order.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -17,6 +18,8 @@ from builder.errors import DeadlineError, DigestMismatchError, ImcError, NotFoun
 from builder.registry.transport import READ_ERRORS, RegistryTransport
 
 CHUNK = 1 << 20
+HANDOVER_WAIT_MS = 50
+"""How long a partly filled buffer waits for more bytes before it goes to the sink."""
 
 
 class BlobSink(Protocol):
@@ -94,9 +97,10 @@ def _stream(transport: RegistryTransport, repository: str, digest: Digest, size:
 class _Body:
     """A blob response's bytes, read straight into the buffers a sink lends.
 
-    ``fill`` keeps reading until the buffer is full: over TLS each read returns one
-    16 KiB record, and a sink that gets whole MiBs writes and hashes them with one
-    call each. A body with a Content-Length is read from the socket straight into
+    ``fill`` keeps reading while bytes keep coming, until the buffer is full: over
+    TLS each read returns one 16 KiB record, and a sink that gets whole MiBs writes
+    and hashes them with one call each. When none come for ``HANDOVER_WAIT_MS``, it
+    returns what it has, so a paused download's bytes are on disk. A body with a Content-Length is read from the socket straight into
     the sink's buffer, with no copy on the way (urllib3 and http.client would make
     two); other bodies (chunked) go through urllib3. If the connection fails or the
     deadline passes mid-buffer, ``fill`` returns what arrived and the error waits in
@@ -119,6 +123,16 @@ class _Body:
             self._readinto = self._urllib3_readinto(resp.raw)
             self._left = -1
         self._expected = expected
+        # Bytes held in a buffer are handed over as soon as no more are coming, so a
+        # pause (or a kill) finds them in the partial file; poll says when that is.
+        self._poll: select.poll | None = None
+        try:
+            fd = resp.raw.fileno()
+        except (OSError, ValueError, AttributeError):
+            fd = -1
+        if fd >= 0:
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
 
     def _first_readinto(self, view: memoryview) -> int:
         # What arrived with the headers waits in the reader's buffer: read1 returns it
@@ -147,6 +161,8 @@ class _Body:
             while got < want:
                 if deadline is not None:
                     self._transport.retrier.check_deadline(f"{self._transport.endpoint}: {self._where(got)}")
+                if got and self._poll is not None and not self._poll.poll(HANDOVER_WAIT_MS):
+                    break  # nothing more within the wait: hand over what arrived
                 n = self._readinto(view[got:want])
                 if not n:
                     break
