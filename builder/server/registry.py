@@ -190,10 +190,11 @@ class Tagged:
 class ServeIndex:
     """What can be served right now, rebuilt from the records when they may have changed.
 
-    Rebuilt at most every ``INDEX_TTL`` seconds, and on a miss (at most every
-    ``FORCED_REFRESH_GAP``), so a cache that just became Ready is served without a
-    restart, while neither a busy server nor a flood of misses rereads every record
-    on every request.
+    Rebuilt at most every ``INDEX_TTL`` seconds, and on a miss when the records
+    changed since (their revision: one small read) or at most every
+    ``FORCED_REFRESH_GAP``, so a cache that just became Ready is served at once and
+    without a restart, while neither a busy server nor a flood of misses rereads every
+    record on every request.
     """
 
     def __init__(self, caches: Caches) -> None:
@@ -201,6 +202,7 @@ class ServeIndex:
         self.store = caches.store
         self._lock = threading.Lock()
         self._built = 0.0
+        self._revision: int | None = None
         self._volumes: dict[Path, Volume] = {}
         self.tags: list[Tagged] = []
         self.blobs: dict[Digest, Blob] = {}
@@ -208,15 +210,22 @@ class ServeIndex:
         self._next_expiry: dt.datetime | None = None
 
     def refresh(self, force: bool = False, miss: bool = False) -> None:
-        """Rebuild if older than ``INDEX_TTL``; on a ``miss``, if older than
-        ``FORCED_REFRESH_GAP`` (a burst of misses rebuilds once, not once per request);
-        with ``force``, always (after this server pulled something itself); and as soon
-        as a served cache has expired (the rebuild reads it, and so deletes it)."""
+        """Rebuild if older than ``INDEX_TTL``; on a ``miss``, if a record changed since
+        or if older than ``FORCED_REFRESH_GAP`` (a burst of misses for what nobody holds
+        rebuilds once, not once per request); with ``force``, always (after this server
+        pulled something itself); and as soon as a served cache has expired (the
+        rebuild reads it, and so deletes it)."""
         with self._lock:
             age = time.monotonic() - self._built
             expiring = self._next_expiry is not None and self.caches.clock() >= self._next_expiry
-            if not force and not expiring and age < (FORCED_REFRESH_GAP if miss else INDEX_TTL):
-                return
+            revision = None
+            if not force and not expiring:
+                if not miss and age < INDEX_TTL:
+                    return
+                revision = self.caches.revision()  # read first: a write after it is seen next time
+                if miss and age < FORCED_REFRESH_GAP and revision == self._revision:
+                    return
+            self._revision = revision if revision is not None else self.caches.revision()
             tags: list[Tagged] = []
             blobs: dict[Digest, Blob] = {}
             volumes: dict[Path, Volume] = {}

@@ -133,6 +133,23 @@ def test_manifest_by_digest_and_head(endpoint: RegistryEndpoint, image: Any) -> 
     assert head.headers["Docker-Content-Digest"] == image.manifest.digest
 
 
+def test_a_cache_ready_just_after_a_miss_is_served_at_once(endpoint: RegistryEndpoint, upstream: FaultServer,
+                                                           caches: Caches) -> None:
+    """A miss rereads the records when they changed since the last read, however
+    recent it was: a cache that became Ready meanwhile answers the very next request."""
+    second = upstream.add_image([tar_gz("c", b"third layer " * 50)], tag="v2")
+    assert get(endpoint, "/v2/test/app/manifests/v2").status == 404
+    built = endpoint.index._built
+    assert get(endpoint, "/v2/test/app/manifests/v2").status == 404
+    assert endpoint.index._built == built  # nothing changed: a burst of misses reads the records once
+    _created, lease = caches.create("api", CacheSpec(images=[f"{upstream.reference}:v2"],
+                                                     plain_http=[upstream.endpoint]))
+    assert Builder(caches).build("api", lease).phase == "Ready"
+    reply = get(endpoint, "/v2/test/app/manifests/v2")
+    assert reply.status == 200 and body(reply) == second.manifest.data
+    assert reply.outcome is not None and reply.outcome.cache == "api"
+
+
 def test_manifest_outside_accept_is_unknown(endpoint: RegistryEndpoint) -> None:
     reply = get(endpoint, "/v2/test/app/manifests/v1", Accept="application/vnd.oci.image.index.v1+json")
     assert reply.status == 404 and code(reply) == "MANIFEST_UNKNOWN"
