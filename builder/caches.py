@@ -55,8 +55,9 @@ from builder.oci import Platform
 from builder.pull import DEFAULT_CONCURRENCY
 from builder.records import CacheDB, Ranked, TagResolution
 from builder.registry.auth import SecretStore
-from builder.retirement import Retirement, expired, expiring_soon, over_budget, size_text, warn_expiring
+from builder.retirement import Retirement, expired, expiring_soon, over_budget, warn_expiring
 from builder.store import Store
+from builder.units import human
 from builder.volume import Volume
 
 UNSET = object()
@@ -608,12 +609,12 @@ class Caches:
                 self._delete(victim.name, victim.id)
             except NotFoundLocalError:
                 continue  # deleted by another process meanwhile
-            log.info("automatic image cache %s (%s, %s) deleted: %s", victim.name, victim.id, size_text(victim.bytes),
+            log.info("automatic image cache %s (%s, %s) deleted: %s", victim.name, victim.id, human(victim.bytes),
                      victim.reason)
             gone.append(victim)
         if left > self.settings.auto_max_bytes > 0:
             log.warning("automatic image caches hold %s, over auto_max_bytes (%s): the rest were used within the "
-                        "last hour or are being built", size_text(left), size_text(self.settings.auto_max_bytes))
+                        "last hour or are being built", human(left), human(self.settings.auto_max_bytes))
         return gone, left
 
     def _warn_expiring(self, cache: ImageCache, now: dt.datetime) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from builder.imagecache import BUILDING, FAILED, ImageCache, parse_time, rfc3339
+from builder.units import human
 
 RECENT = dt.timedelta(hours=1)
 """A cache used this recently is never deleted for the budget."""
@@ -88,7 +89,7 @@ def over_budget(caches: Iterable[ImageCache], budget: int, now: dt.datetime) -> 
                 else f"never used since its creation at {cache.created}")
         out.append(Retirement(cache.name, cache.id, BUDGET,
                               f"the least recently used automatic cache ({used}); automatic caches hold "
-                              f"{size_text(total)}, over auto_max_bytes ({size_text(budget)})", size))
+                              f"{human(total)}, over auto_max_bytes ({human(budget)})", size))
         total -= size
     return out, total
 
@@ -113,11 +114,3 @@ def warn_expiring(cache: ImageCache, now: dt.datetime) -> bool:
                 "extend it (imc cache update --retention-days) to keep it", "Warning", when=now)
     return True
 
-
-def size_text(n: float) -> str:
-    """Bytes as people read them, in decimal units (as the CLI shows sizes)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

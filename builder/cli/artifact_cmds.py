@@ -12,7 +12,6 @@ from builder.cli.common import (
     Context,
     emit_json,
     emit_yaml,
-    human,
     make_keychain,
     output_option,
     pass_ctx,
@@ -25,6 +24,7 @@ from builder.cli.progress import transfer_progress
 from builder.reference import parse as parse_reference
 from builder.registry.hosts import HostPolicy, parse_endpoint_list
 from builder.registry.uploads import UPLOAD_CHUNK
+from builder.units import human
 
 _SIZE_RE = re.compile(r"^(\d+)\s*([kmg]?)i?b?$", re.IGNORECASE)
 

@@ -22,7 +22,6 @@ from builder.cli.common import (
     emit,
     emit_json,
     emit_yaml,
-    human,
     output_option,
     pass_ctx,
     print_table,
@@ -49,6 +48,7 @@ from builder.imagecache import (
 from builder.matcher import quantity_bytes
 from builder.plan import plan
 from builder.registry.auth import DockerConfig, pull_secret_from_object
+from builder.units import human
 from builder.volume import Volume
 
 MAX_DOCUMENT_BYTES = 1 << 20

@@ -20,14 +20,6 @@ if TYPE_CHECKING:
     from builder.imagecache import ImageCache
     from builder.pull import PullResult
 
-def human(n: float) -> str:
-    """Bytes as people read them (decimal units, like registries and skopeo)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
 
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))

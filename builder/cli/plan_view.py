@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from builder.cli.common import emit, human
+from builder.cli.common import emit
 from builder.errors import CapacityError
 from builder.plan import Plan
+from builder.units import human
 
 
 def show_plan(plan: Plan, output: str, name: str) -> None:

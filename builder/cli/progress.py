@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
-from builder.cli.common import human
 from builder.pull import BlobDone, BlobProgress, BlobStarted, ImageDone, ImageResolved, PullEvent, PullPlanned
+from builder.units import human
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID

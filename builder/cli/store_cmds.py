@@ -10,7 +10,6 @@ import click
 from builder.cli.common import (
     Context,
     emit,
-    human,
     make_keychain,
     output_option,
     pass_ctx,
@@ -28,6 +27,7 @@ from builder.reference import parse as parse_reference
 from builder.registry.auth import SecretStore, pull_secret_from_object
 from builder.registry.hosts import HostPolicy, parse_endpoint, parse_endpoint_list
 from builder.store import Store, layer_usage
+from builder.units import human
 
 
 @click.command()

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from builder.cli.common import human
+from builder.units import human
 
 IMC = [sys.executable, "-m", "builder"]
 REF = "fixtures/app:1.0"

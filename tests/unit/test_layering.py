@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "builder"
 
 LAYERS = [
-    "errors", "faults", "digest", "home", "reference", "oci", "compression",
+    "errors", "units", "faults", "digest", "home", "reference", "oci", "compression",
     "registry.hosts", "registry.auth", "registry.retry", "registry.transport",
     "registry.blobs", "registry.manifests", "registry.uploads", "registry.client",
     "store", "throughput", "pull", "volume.format", "volume.packer", "volume", "export", "imagecache", "records",
