@@ -7,6 +7,7 @@ import re
 import signal
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 import yaml
@@ -180,23 +181,51 @@ def read_token(path: Path) -> str:
 @click.option("--tls-ca", type=click.Path(path_type=Path),
               help="The CA certificate (PEM) that signed imc serve's --tls-cert: the server is https://, "
                    "verified with this CA.")
-def kubeconfig(listen: str, api_token_file: Path | None, tls_ca: Path | None) -> None:
+@click.option("--server", "server_url", metavar="URL",
+              help="The URL kubectl reaches imc serve at, when it is not --listen's address: a host name its "
+                   "certificate names (https://node-7.example.com:5050). An https URL without --tls-ca is "
+                   "verified with the system's CAs.")
+def kubeconfig(listen: str, api_token_file: Path | None, tls_ca: Path | None, server_url: str | None) -> None:
     """Print a kubeconfig for kubectl to manage the caches through imc serve at --listen."""
-    host, port = parse_listen(listen, allow_remote=True)
-    if port == 0:
-        raise ValidationError(f"--listen {listen!r}: give the port imc serve listens on, not 0")
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # every address: reach it on loopback
-    if tls_ca and not api_token_file:
+    if server_url is not None:
+        server, scheme = parse_server_url(server_url), urlsplit(server_url).scheme
+        if tls_ca and scheme != "https":
+            raise ValidationError(f"--tls-ca needs an https:// --server, not {server}")
+    else:
+        host, port = parse_listen(listen, allow_remote=True)
+        if port == 0:
+            raise ValidationError(f"--listen {listen!r}: give the port imc serve listens on, not 0")
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # every address: reach it on loopback
+        scheme = "https" if tls_ca else "http"
+        server = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    if scheme == "https" and not api_token_file:
         # kubectl prompts for a user name and password for an https cluster whose user
         # entry is empty; imc serve takes only a bearer token.
-        raise ValidationError("--tls-ca needs --api-token-file: over https kubectl sends the token, and without "
+        flag = "--tls-ca" if tls_ca else "an https --server"
+        raise ValidationError(f"{flag} needs --api-token-file: over https kubectl sends the token, and without "
                               "one it asks for a user name and password that imc serve does not take")
-    scheme = "https" if tls_ca else "http"
-    server = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     token = read_token(api_token_file) if api_token_file else None
     ca = read_ca(tls_ca) if tls_ca else None
     click.echo(yaml.safe_dump(kubeconfig_document(server, token, ca), sort_keys=False), nl=False)
+
+
+def parse_server_url(text: str) -> str:
+    """``http(s)://HOST[:PORT]``, nothing else (a path, query or user would reach
+    kubectl as a cluster URL it cannot use): returned without a trailing slash."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        parts, port = None, 0
+    if parts is not None and (parts.username or parts.password):
+        # Said without the URL: what follows the scheme may be a password.
+        raise ValidationError("--server: a user or password in the URL is not used; kubectl sends the "
+                              "--api-token-file token")
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port == 0
+            or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValidationError(f"--server {text!r}: want http://HOST[:PORT] or https://HOST[:PORT]")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def read_ca(path: Path) -> bytes:

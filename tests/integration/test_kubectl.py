@@ -354,3 +354,23 @@ def test_over_tls_kubectl_sends_the_token_and_pulls_verify_the_ca(tmp_path: Path
         (tmp_path / "other.kubeconfig").write_text(yaml.safe_dump(config))
         out = kube.run("get", "imagecaches", f"--kubeconfig={tmp_path / 'other.kubeconfig'}", check=False)
         assert out.returncode == 1 and "x509: certificate signed by unknown authority" in out.stderr
+
+
+def test_a_certificate_for_a_host_name_is_reached_with_kubeconfig_server(tmp_path: Path) -> None:
+    """A node's certificate names its host, not the address serve listens on: kubectl
+    verifies it only through a kubeconfig whose server is that name (``--server``)."""
+    tls = certs.issue(tmp_path / "tls", "localhost")
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    with serving(tmp_path, "--allow-remote", "--tls-cert", str(tls.cert), "--tls-key", str(tls.key),
+                 "--api-token-file", str(token),
+                 kubeconfig_args=("--api-token-file", str(token), "--tls-ca", str(tls.ca))) as kube:
+        by_address = kube.run("get", "imagecaches", check=False)  # https://127.0.0.1:PORT
+        assert by_address.returncode == 1 and "cannot validate certificate for 127.0.0.1 because it doesn't contain any IP SANs" in by_address.stderr
+        port = kube.address.rsplit(":", 1)[1]
+        config = subprocess.run([*IMC, "kubeconfig", "--server", f"https://localhost:{port}/", "--api-token-file",
+                                 str(token), "--tls-ca", str(tls.ca)], capture_output=True, text=True,
+                                env=imc_env(tmp_path / "imc-home"), timeout=60, check=True).stdout
+        assert yaml.safe_load(config)["clusters"][0]["cluster"]["server"] == f"https://localhost:{port}"
+        Path(kube.env["KUBECONFIG"]).write_text(config)
+        assert kube.run("get", "imagecaches").stderr.strip() == "No resources found"

@@ -142,6 +142,27 @@ def test_kubeconfig_with_a_ca_is_https_and_needs_the_token(tmp_path: Path, tls: 
     assert out.returncode == 0 and "server: https://127.0.0.1:5050\n" in out.stdout
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (["--server", "https://node-7.example.com:5050"], "an https --server needs --api-token-file: over https kubectl "
+     "sends the token, and without one it asks for a user name and password that imc serve does not take"),
+    (["--server", "http://node-7.example.com:5050", "--tls-ca", "{ca}", "--api-token-file", "{token}"],
+     "--tls-ca needs an https:// --server, not http://node-7.example.com:5050"),
+    (["--server", "https://node-7.example.com:5050/apis", "--api-token-file", "{token}"],
+     "--server 'https://node-7.example.com:5050/apis': want http://HOST[:PORT] or https://HOST[:PORT]"),
+    (["--server", "node-7.example.com:5050", "--api-token-file", "{token}"],
+     "--server 'node-7.example.com:5050': want http://HOST[:PORT] or https://HOST[:PORT]"),
+    (["--server", "https://imc:hunter2-secret@node-7:5050", "--api-token-file", "{token}"],
+     "--server: a user or password in the URL is not used; kubectl sends the --api-token-file token"),
+])
+def test_kubeconfig_server_is_checked(tmp_path: Path, tls: certs.Certs, args: list[str], line: str) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    out = subprocess.run([*IMC, "kubeconfig", *(a.format(ca=tls.ca, token=token) for a in args)],
+                         capture_output=True, text=True, env=imc_env(tmp_path / "home"), timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", f"imc: error: {line}\n")
+    assert "hunter2" not in out.stderr
+
+
 @pytest.mark.parametrize("tls_flags", [False, True])
 def test_allow_remote_without_tls_warns_of_clear_text(tmp_path: Path, tls: certs.Certs, tls_flags: bool) -> None:
     flags = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)] if tls_flags else []
