@@ -11,13 +11,14 @@ Validation happens before anything is written: a spec that breaks a rule raises
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import re
 import secrets
 import string
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +395,9 @@ class ImageCache:
     # -- persistence form ---------------------------------------------------------
 
     def to_doc(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as JSON-ready data, equal to ``dataclasses.asdict`` (which deep-copies
+        every leaf: the cost of a match's write, on a record with dozens of events)."""
+        return plain(self)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> ImageCache:
@@ -501,6 +504,29 @@ def spec_from_object(obj: Any) -> tuple[str, CacheSpec, AnnotationReport]:
                      retention_days=spec_obj.get("retentionDays"))
     spec, report = CacheSpec.from_annotations(base, {str(k): v for k, v in annotations.items()})
     return name, spec.validated(), report
+
+
+_LEAVES = (str, int, float, bool, type(None))
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def plain(value: Any) -> Any:
+    """``dataclasses.asdict`` for the record's types, sharing the immutable leaves (strings,
+    numbers, None) instead of deep-copying them: containers are new, so the result can
+    be changed without touching ``value``."""
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    if kind is list:
+        return [plain(v) for v in value]
+    if kind is dict:
+        return {plain(k): plain(v) for k, v in value.items()}
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        if not is_dataclass(kind):
+            return copy.deepcopy(value)  # none in a record: asdict's own rule for other values
+        names = _FIELD_NAMES.setdefault(kind, tuple(f.name for f in fields(value)))
+    return {name: plain(getattr(value, name)) for name in names}
 
 
 def match_keys(cache: ImageCache) -> set[tuple[str, str]]:
