@@ -9,7 +9,6 @@ this database (tests/unit/test_layering.py holds to that): every other module as
 
 from __future__ import annotations
 
-import copy
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from builder.errors import AlreadyExistsError, NotFoundLocalError, QuotaError, StoreError
-from builder.imagecache import READY, ImageCache, match_keys
+from builder.imagecache import READY, ImageCache, match_keys, plain
 
 # The matcher's ranking rules (builder.matcher) in SQL over the match index: each cache
 # big enough is joined with the wanted (repository, version) pairs on repository;
@@ -109,11 +108,15 @@ class CacheDB:
         return [(repository, cache.name, cache.id, cache.spec.size_gib, cache.created, f" {' '.join(v)} ")
                 for repository, v in versions.items()]
 
-    def _index(self, db: sqlite3.Connection, cache: ImageCache,
-               before: list[tuple[str, str, str, int, str, str]] | None = None) -> None:
+    @staticmethod
+    def _match_source(cache: ImageCache) -> tuple[object, ...]:
+        """Everything ``_match_rows`` reads, as immutable values: when a write leaves it
+        equal (progress, events, last use), the cache's index rows stay as they are."""
+        return (cache.phase, cache.name, cache.id, cache.spec.size_gib, cache.created, tuple(cache.spec.images),
+                tuple((i.name, i.digest, i.index) for i in cache.images))
+
+    def _index(self, db: sqlite3.Connection, cache: ImageCache) -> None:
         rows = self._match_rows(cache)
-        if rows == before:
-            return  # progress, events, last use: nothing the matcher reads
         db.execute("DELETE FROM match_index WHERE name=?", (cache.name,))
         db.executemany("INSERT INTO match_index VALUES (?, ?, ?, ?, ?, ?)", rows)
 
@@ -213,14 +216,15 @@ class CacheDB:
             if row is None:
                 raise NotFoundLocalError(f"image cache {name!r} does not exist")
             cache = ImageCache.from_doc(json.loads(row[0]))
-            before = self._match_rows(cache)
-            spec = copy.deepcopy(cache.spec)
+            indexed = self._match_source(cache)
+            spec = plain(cache.spec)  # a copy of its containers: ``change`` may mutate them
             change(cache)
-            if cache.spec != spec:
+            if plain(cache.spec) != spec:
                 cache.spec_generation += 1
             cache.resource_version = self._bump(db)
             db.execute("UPDATE caches SET doc=? WHERE name=?", (json.dumps(cache.to_doc()), name))
-            self._index(db, cache, before)
+            if self._match_source(cache) != indexed:
+                self._index(db, cache)
             return cache
 
     def delete(self, name: str, cache_id: str | None = None) -> ImageCache:
