@@ -22,17 +22,32 @@ from builder.imagecache import READY, ImageCache, match_keys, plain
 # The matcher's ranking rules (builder.matcher) in SQL over the match index: each cache
 # big enough is joined with the wanted (repository, version) pairs on repository;
 # ``exact`` counts the pairs whose version it holds and ``held`` those whose repository
-# it holds. Best degree, then the least size, then newest, then the name.
+# it holds. Best degree, then the least size, then newest, then the name. (The unary
+# plus keeps SQLite on the primary key, which holds every column read, rather than the
+# ordering index below, which would cost a lookup per row.)
 _RANK_SQL = """
 WITH wanted(repository, version) AS (VALUES {pairs})
 SELECT m.name, m.id, m.size_gib, m.created,
        SUM(instr(m.versions, ' ' || wanted.version || ' ') > 0) AS exact, COUNT(*) AS held
 FROM match_index m JOIN wanted ON m.repository = wanted.repository
-WHERE m.size_gib >= ?
+WHERE +m.size_gib >= ?
 GROUP BY m.name
 ORDER BY exact DESC, held - exact DESC, m.size_gib, m.created DESC, m.name
 LIMIT ?
 """
+
+
+# The same rules for one wanted pair, where a cache has one row: those holding the version
+# (exact 1, held 1), then the others (exact 0, held 1), each in the ranking's order. The
+# index ``match_index_order`` walks a repository's holders in that order, so SQLite stops
+# at the limit instead of grouping and sorting every holder of a popular repository.
+_RANK_ONE_SQL = """
+SELECT name, id, size_gib, created, {exact}, 1 FROM match_index
+WHERE repository = ? AND size_gib >= ? AND (instr(versions, ?) > 0) = {exact}
+ORDER BY size_gib, created DESC, name
+LIMIT ?
+"""
+_ORDER_INDEX_SQL = "CREATE INDEX IF NOT EXISTS match_index_order ON match_index (repository, size_gib, created DESC, name)"
 
 
 class Ranked(NamedTuple):
@@ -79,6 +94,8 @@ class CacheDB:
                        "tag TEXT NOT NULL, digest TEXT NOT NULL, media_type TEXT NOT NULL, resolved TEXT NOT NULL, "
                        "PRIMARY KEY (registry, repository, tag)) WITHOUT ROWID")
             exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='match_index'").fetchone()
+            if exists:
+                db.execute(_ORDER_INDEX_SQL)  # a database from before the ordering index gets it
         if not exists:
             self._create_match_index()
 
@@ -95,6 +112,7 @@ class CacheDB:
                        "size_gib INTEGER NOT NULL, created TEXT NOT NULL, versions TEXT NOT NULL, "
                        "PRIMARY KEY (repository, name)) WITHOUT ROWID")
             db.execute("CREATE INDEX match_index_name ON match_index (name)")
+            db.execute(_ORDER_INDEX_SQL)
             for (doc,) in db.execute("SELECT doc FROM caches").fetchall():
                 self._index(db, ImageCache.from_doc(json.loads(doc)))
 
@@ -126,9 +144,17 @@ class CacheDB:
         decoding no record."""
         if not wanted:
             return []
-        sql = _RANK_SQL.format(pairs=", ".join("(?, ?)" for _ in wanted))
         with self._connect() as db:
-            rows = db.execute(sql, (*(x for pair in wanted for x in pair), min_size_gib, limit)).fetchall()
+            if len(wanted) == 1:
+                (repository, version), = wanted
+                rows = db.execute(_RANK_ONE_SQL.format(exact=1),
+                                  (repository, min_size_gib, f" {version} ", limit)).fetchall()
+                if len(rows) < limit:
+                    rows += db.execute(_RANK_ONE_SQL.format(exact=0),
+                                       (repository, min_size_gib, f" {version} ", limit - len(rows))).fetchall()
+            else:
+                sql = _RANK_SQL.format(pairs=", ".join("(?, ?)" for _ in wanted))
+                rows = db.execute(sql, (*(x for pair in wanted for x in pair), min_size_gib, limit)).fetchall()
         return [Ranked(*row) for row in rows]
 
     @contextmanager

@@ -1,9 +1,13 @@
-"""A record's stored form: ``ImageCache.to_doc`` writes what ``dataclasses.asdict`` would,
-byte for byte, and a write notices a spec change however ``change`` makes it."""
+"""A record's stored form and its match index: ``ImageCache.to_doc`` writes what
+``dataclasses.asdict`` would, byte for byte; a write notices a spec change however
+``change`` makes it; and the ranking's fast path for one wanted pair answers what the
+general query does."""
 
 from __future__ import annotations
 
 import json
+import random
+import sqlite3
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +20,7 @@ from builder.imagecache import (
     ResolvedImage,
     VolumeInfo,
 )
-from builder.records import CacheDB
+from builder.records import _RANK_SQL, CacheDB, Ranked
 
 
 def full_record() -> ImageCache:
@@ -66,3 +70,36 @@ def test_a_spec_changed_in_place_moves_its_generation_and_a_status_write_does_no
     ranked = Caches(tmp_path).ranked
     assert ranked([("registry.example.com/team/db", "sha256:" + "a" * 64)], 0, 10) == []
     assert [r.name for r in ranked([("registry.example.com/team/app", "1.0")], 0, 10)] == ["app"]
+
+
+def test_one_wanted_pair_ranks_as_the_general_query_does(tmp_path: Path) -> None:
+    """The single-pair path (two ordered index walks that stop at the limit) gives the
+    general query's answer, ties in size and age included, for every limit."""
+    db = CacheDB(tmp_path / "caches.db")
+    rnd = random.Random(7)
+    repositories = [f"registry.example.com/team/app{n}" for n in range(3)]
+    for n in range(120):
+        images = [f"{repo}:{rnd.randint(1, 4)}.0" for repo in rnd.sample(repositories, rnd.randint(1, 3))]
+        cache = ImageCache(f"cache-{n:03d}", f"imc-{n:017d}", CacheSpec(images, size_gib=rnd.choice((20, 40, 60))),
+                           f"2026-11-{rnd.randint(1, 3):02d}T00:00:00Z", READY if n % 10 else "Updating", 100)
+        db.insert(cache, quota=1000)
+    with sqlite3.connect(tmp_path / "caches.db") as con:
+        def general(pair: tuple[str, str], size: int, limit: int) -> list[Ranked]:
+            return [Ranked(*r) for r in con.execute(_RANK_SQL.format(pairs="(?, ?)"), (*pair, size, limit))]
+
+        for repo in [*repositories, "registry.example.com/team/none"]:
+            for version in ("1.0", "3.0", "9.0"):
+                for size in (0, 40, 61):
+                    for limit in (0, 1, 5, 10, 200):
+                        assert db.rank([(repo, version)], size, limit) == general((repo, version), size, limit)
+
+
+def test_a_database_from_before_the_ordering_index_gets_it_and_ranks_the_same(tmp_path: Path) -> None:
+    db = CacheDB(tmp_path / "caches.db")
+    db.insert(full_record(), quota=10)
+    with sqlite3.connect(tmp_path / "caches.db") as con:
+        con.execute("DROP INDEX match_index_order")
+    reopened = CacheDB(tmp_path / "caches.db")
+    with sqlite3.connect(tmp_path / "caches.db") as con:
+        assert con.execute("SELECT 1 FROM sqlite_master WHERE name='match_index_order'").fetchone()
+    assert [r.name for r in reopened.rank([("registry.example.com/team/app", "1.0")], 20, 10)] == ["app"]
