@@ -37,6 +37,21 @@ LIMIT ?
 """
 
 
+# The same query over the caches holding at least one wanted pair's version: they rank
+# above every other cache (best degree first), so when there are ``limit`` of them they
+# are the answer, and the GROUP BY sorts only their rows, not every holder's.
+_RANK_EXACT_SQL = """
+WITH wanted(repository, version) AS (VALUES {pairs}),
+exact_names AS (SELECT DISTINCT m.name FROM match_index m JOIN wanted ON m.repository = wanted.repository
+                WHERE +m.size_gib >= ? AND instr(m.versions, ' ' || wanted.version || ' ') > 0)
+SELECT m.name, m.id, m.size_gib, m.created,
+       SUM(instr(m.versions, ' ' || wanted.version || ' ') > 0) AS exact, COUNT(*) AS held
+FROM exact_names e JOIN match_index m ON m.name = e.name JOIN wanted ON m.repository = wanted.repository
+GROUP BY m.name
+ORDER BY exact DESC, held - exact DESC, m.size_gib, m.created DESC, m.name
+LIMIT ?
+"""
+
 # The same rules for one wanted pair, where a cache has one row: those holding the version
 # (exact 1, held 1), then the others (exact 0, held 1), each in the ranking's order. The
 # index ``match_index_order`` walks a repository's holders in that order, so SQLite stops
@@ -153,8 +168,11 @@ class CacheDB:
                     rows += db.execute(_RANK_ONE_SQL.format(exact=0),
                                        (repository, min_size_gib, f" {version} ", limit - len(rows))).fetchall()
             else:
-                sql = _RANK_SQL.format(pairs=", ".join("(?, ?)" for _ in wanted))
-                rows = db.execute(sql, (*(x for pair in wanted for x in pair), min_size_gib, limit)).fetchall()
+                pairs = ", ".join("(?, ?)" for _ in wanted)
+                args = (*(x for pair in wanted for x in pair), min_size_gib, limit)
+                rows = db.execute(_RANK_EXACT_SQL.format(pairs=pairs), args).fetchall()
+                if len(rows) < limit:
+                    rows = db.execute(_RANK_SQL.format(pairs=pairs), args).fetchall()
         return [Ranked(*row) for row in rows]
 
     @contextmanager

@@ -72,9 +72,10 @@ def test_a_spec_changed_in_place_moves_its_generation_and_a_status_write_does_no
     assert [r.name for r in ranked([("registry.example.com/team/app", "1.0")], 0, 10)] == ["app"]
 
 
-def test_one_wanted_pair_ranks_as_the_general_query_does(tmp_path: Path) -> None:
-    """The single-pair path (two ordered index walks that stop at the limit) gives the
-    general query's answer, ties in size and age included, for every limit."""
+def test_the_fast_paths_rank_as_the_general_query_does(tmp_path: Path) -> None:
+    """The single-pair path (two ordered index walks that stop at the limit) and the
+    several-pair one (the exact holders first) give the general query's answer, ties in
+    size and age included, for every limit."""
     db = CacheDB(tmp_path / "caches.db")
     rnd = random.Random(7)
     repositories = [f"registry.example.com/team/app{n}" for n in range(3)]
@@ -84,14 +85,17 @@ def test_one_wanted_pair_ranks_as_the_general_query_does(tmp_path: Path) -> None
                            f"2026-11-{rnd.randint(1, 3):02d}T00:00:00Z", READY if n % 10 else "Updating", 100)
         db.insert(cache, quota=1000)
     with sqlite3.connect(tmp_path / "caches.db") as con:
-        def general(pair: tuple[str, str], size: int, limit: int) -> list[Ranked]:
-            return [Ranked(*r) for r in con.execute(_RANK_SQL.format(pairs="(?, ?)"), (*pair, size, limit))]
+        def general(wanted: list[tuple[str, str]], size: int, limit: int) -> list[Ranked]:
+            sql = _RANK_SQL.format(pairs=", ".join("(?, ?)" for _ in wanted))
+            return [Ranked(*r) for r in con.execute(sql, (*(x for pair in wanted for x in pair), size, limit))]
 
-        for repo in [*repositories, "registry.example.com/team/none"]:
-            for version in ("1.0", "3.0", "9.0"):
-                for size in (0, 40, 61):
-                    for limit in (0, 1, 5, 10, 200):
-                        assert db.rank([(repo, version)], size, limit) == general((repo, version), size, limit)
+        pairs = [(repo, version) for repo in [*repositories, "registry.example.com/team/none"]
+                 for version in ("1.0", "3.0", "9.0")]
+        requests = [[pair] for pair in pairs] + [rnd.sample(pairs, rnd.randint(2, 4)) for _ in range(15)]
+        for wanted in requests:
+            for size in (0, 41):
+                for limit in (0, 1, 5, 10, 200):
+                    assert db.rank(wanted, size, limit) == general(wanted, size, limit)
 
 
 def test_a_database_from_before_the_ordering_index_gets_it_and_ranks_the_same(tmp_path: Path) -> None:
