@@ -13,9 +13,10 @@ name a cache id or ask for auto-match. The rules, in order:
 
 Every hit marks the cache as used, which keeps automatic caches from expiring.
 
-Ranking is one SQL query over the records' match index (``Caches.ranked``): only
-the Ready caches holding a requested repository, as small rows, scored and ordered by
-SQLite, so a choice among thousands of caches costs that query and one record update,
+Ranking is done by SQLite over the records' match index (``Caches.ranked``): only
+the Ready caches holding a requested repository, as small rows, scored and ordered
+there (for one image, a walk of an index in ranking order that stops at the limit),
+so a choice among thousands of caches costs a query or two and one record update,
 not a decode of every record.
 """
 
