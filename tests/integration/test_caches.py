@@ -16,6 +16,7 @@ from typing import Any
 import imagegen
 import pytest
 import yaml
+from support.clock import Clock
 
 from builder import build as build_module
 from builder.build import Builder
@@ -61,16 +62,6 @@ def volume_files(home: Path) -> list[str]:
 def run_imc(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "IMC_HOME": str(home)}
     return subprocess.run([*IMC, *args], capture_output=True, text=True, env=env, input=stdin, timeout=180)
-
-
-class Clock:
-    """A settable clock for expiry, injected into Caches."""
-
-    def __init__(self) -> None:
-        self.now = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
-
-    def __call__(self) -> dt.datetime:
-        return self.now
 
 
 # -- create, ready, volume ---------------------------------------------------------------------

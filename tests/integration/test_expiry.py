@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from support.clock import Clock
 
 from builder.build import Builder
 from builder.caches import Caches
@@ -25,14 +26,6 @@ from builder.matcher import Matcher, MatchRequest
 from builder.server.app import Server
 
 IMAGE = "fixtures/base:1.0"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
-
-    def __call__(self) -> dt.datetime:
-        return self.now
 
 
 def build(caches: Caches, name: str, registry: Any, **kw: Any) -> ImageCache:

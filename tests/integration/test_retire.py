@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.clock import Clock
 from support.imccli import imc_env, ok, run_imc
 
 from builder.build import Builder
@@ -35,14 +36,6 @@ from builder.server.app import Server
 from builder.server.hits import Hits
 
 IMAGE = "fixtures/base:1.0"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
-
-    def __call__(self) -> dt.datetime:
-        return self.now
 
 
 def build(caches: Caches, name: str, registry: Any, image: str = IMAGE, **kw: Any) -> ImageCache:

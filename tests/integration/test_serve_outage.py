@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from regfix import RegistrySet
 from support.faultserver import Abort, FaultServer
 from support.imccli import IMC, imc_env
+from support.listener import accepted, listening
 
 from builder.caches import Caches
 from builder.registry.auth import Keychain
@@ -194,23 +195,8 @@ def test_pulls_through_a_stopped_upstream_and_a_deleted_tag_are_byte_identical(
 @pytest.fixture
 def listener() -> Iterator[socket.socket]:
     """A listening socket posing as the upstream: it counts every connection made to it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
-def accepted(sock: socket.socket) -> int:
-    count = 0
-    while True:
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
-            return count
-        conn.close()
-        count += 1
+    with listening() as sock:
+        yield sock
 
 
 def test_offline_serves_what_pull_through_recorded_and_never_connects(

@@ -38,6 +38,7 @@ import pytest
 import yaml
 from support.countproxy import CountingProxy
 from support.faultserver import OCI_CONFIG, OCI_INDEX, FaultServer
+from support.listener import accepted
 
 from builder.build import Builder
 from builder.caches import Caches
@@ -880,18 +881,6 @@ def pull_through(tmp_path: Path, plain_registry: Any) -> Iterator[dict[str, Any]
         finally:
             server.stop()
             listener.close()
-
-
-def accepted(listener: socket.socket) -> int:
-    """Connections the listening socket has received (drained)."""
-    count = 0
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            return count
-        conn.close()
-        count += 1
 
 
 def test_an_unlisted_ns_never_opens_a_connection(pull_through: dict[str, Any]) -> None:

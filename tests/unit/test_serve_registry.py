@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from support.faultserver import FaultServer, Hold, Stall
+from support.listener import accepted, listening
 
 from builder.build import Builder
 from builder.caches import Caches
@@ -280,23 +281,8 @@ def test_tags_list(endpoint: RegistryEndpoint, upstream: FaultServer, local: dic
 @pytest.fixture
 def listener() -> Any:
     """A listening socket nothing should connect to: accept() finds no connection."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
-def connections(sock: socket.socket) -> int:
-    count = 0
-    while True:
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
-            return count
-        conn.close()
-        count += 1
+    with listening() as sock:
+        yield sock
 
 
 def pulling(caches: Caches, *upstreams: str, policy: HostPolicy | None = None) -> RegistryEndpoint:
@@ -318,7 +304,7 @@ def test_an_unlisted_ns_opens_no_connection(caches: Caches, upstream: FaultServe
         assert json.loads(reply.body)["errors"][0]["message"] == ("not held here, and its registry is not an "
                                                                  "upstream of this server")  # the same for all
         assert reply.outcome is not None and reply.outcome.hit is False and reply.outcome.upstream_bytes == 0
-    assert connections(listener) == 0
+    assert accepted(listener) == 0
     assert len(upstream.requests) == before
 
 
